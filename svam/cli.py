@@ -1,0 +1,235 @@
+"""The `svam` command line: one verb per pipeline stage; each verb parses, loads the config, calls the stage.
+
+    svam <verb> [--config FILE] [--run NAME] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from svam import __version__
+from svam.config import Config, load_config
+
+
+@dataclass(frozen=True)
+class Stage:
+    verb: str
+    summary: str
+    description: str
+    entry: str | None
+    """'module:function' taking (config, out_dir) or (config); None until the stage has landed."""
+    planned: str = ""
+    """For a stage that has not landed yet: what will bring it."""
+
+    def load(self) -> Callable:
+        module, function = self.entry.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+STAGES = [
+    Stage(
+        "collect",
+        "roll out Meta-World scripted experts into episode shards",
+        """Runs Meta-World v3 tasks (collect.tasks) with the package's scripted expert policies for
+        collect.episodes_per_task seeds each, rendering RGB and metric depth from collect.camera at
+        collect.image_size, in collect.workers processes. Keeps successful episodes (unless
+        collect.keep_failed) and writes them as webdataset shards with a manifest.json.
+        Reads: nothing. Writes: runs/<name>/episodes/ (or --out).""",
+        "svam.collect:collect",
+    ),
+    Stage(
+        "train-teacher",
+        "train or fine-tune the video diffusion teacher on episode clips",
+        """Trains the SVD-architecture UNet (VAE frozen) to predict the future clip from the current
+        frame and the instruction, with EMA weights, tensorboard logs and resumable checkpoints.
+        Reads: runs/<name>/episodes/. Writes: runs/<name>/teacher/ (diffusers layout).""",
+        None,
+        "the teacher issue (#3)",
+    ),
+    Stage(
+        "cache-teachers",
+        "cache the teacher's multi-step foresight as DINOv2 / Depth Anything 3 targets",
+        """Renders multi-step videos from the teacher for every clip, encodes them with DINOv2
+        (semantic) and Depth Anything 3 (geometric), and writes the targets, reference tokens and
+        what training needs into resumable teacher-cache shards.
+        Reads: episodes/, teacher/. Writes: runs/<name>/cache/.""",
+        None,
+        "the cache-teachers issue (#4)",
+    ),
+    Stage(
+        "distill",
+        "train the semantic and geometric decouplers on the teacher cache",
+        """Trains decouplers that map one-step diffusion features to the cached multi-step
+        foresight tokens, and reports their fidelity against baselines.
+        Reads: cache/. Writes: runs/<name>/decouplers/.""",
+        None,
+        "the distill issue (#5)",
+    ),
+    Stage(
+        "train-policy",
+        "train the Uni-Perceiver and the diffusion action policy",
+        """Trains the aggregator and the diffusion action head for one foresight mode
+        (shortcut, onestep or multistep:K) with the teacher, encoders and decouplers frozen.
+        Reads: cache/, decouplers/. Writes: runs/<name>/policy/.""",
+        None,
+        "the policy issue (#6)",
+    ),
+    Stage(
+        "eval",
+        "measure latency, fidelity and Meta-World success across foresight modes",
+        """Closed-loop rollouts on unseen seeds and the latency-fidelity report.
+        Reads: policy/, teacher/. Writes: runs/<name>/eval/ (report.md, report.json, plots).""",
+        None,
+        "the policy (#6) and report (#7) issues",
+    ),
+]
+STAGES_BY_VERB = {stage.verb: stage for stage in STAGES}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default="tiny",
+        help="YAML config file, or the name of one in configs/ (default: tiny, the embedded default)",
+    )
+    parser.add_argument("--run", help="run name: outputs go to <run.root>/<NAME>/ (overrides run.name)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. collect.workers=1"
+    )
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.run:
+        overrides.append(f"run.name={args.run}")
+    return load_config(args.config, overrides)
+
+
+def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
+    if stage.entry is None:
+        print(
+            f"svam {stage.verb}: this stage has not landed yet; it comes with {stage.planned}.",
+            file=sys.stderr,
+        )
+        return 2
+    config = _config_from(args)
+    if getattr(args, "out", None):
+        stage.load()(config, args.out)
+    else:
+        stage.load()(config)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    """Every landed stage in order on one run directory; stops at the first stage still to come."""
+    config = _config_from(args)
+    for stage in STAGES:
+        if stage.entry is None:
+            print(f"demo: done up to here; next comes `svam {stage.verb}` with {stage.planned}.")
+            return 0
+        print(f"demo: stage {stage.verb}")
+        stage.load()(config)
+    return 0
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from svam.data.shards import MANIFEST_NAME, ShardSet
+
+    shard_set = ShardSet.open(args.path, verify=False)
+    manifest = shard_set.manifest
+    print(f"{shard_set.root}: {manifest['kind']} shards, schema v{manifest['schema_version']}")
+    summary = {k: v for k, v in manifest.items() if k not in ("shards", "schema", "episodes")}
+    print(textwrap.indent(json.dumps(summary, indent=2, sort_keys=True), "  "))
+    print(f"shards ({len(manifest['shards'])}, listed in {MANIFEST_NAME}):")
+    for shard in manifest["shards"]:
+        print(f"  {shard['name']}  {shard['samples']:>5} samples  {shard['bytes']:>12,} B  {shard['sha256'][:16]}")
+    print("schema:")
+    for name, spec in manifest["schema"]["arrays"].items():
+        print(f"  {name:<10} {spec['dtype']:<8} {tuple(spec['dims'])}  {spec['doc']}")
+    print(f"  meta.json  {', '.join(manifest['schema']['meta'])}")
+    key, arrays, meta = next(shard_set.samples(shard_set.shard_paths[:1]))
+    print(f"first sample '{key}':")
+    for name, array in arrays.items():
+        print(f"  {name:<10} {str(array.dtype):<8} {tuple(array.shape)}")
+    print(f"  meta       {json.dumps(meta, sort_keys=True)}")
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from svam.data.shards import ShardSet
+
+    shard_set = ShardSet.open(args.path, verify=True)
+    count = sum(1 for _ in shard_set.samples())
+    print(f"{shard_set.root}: OK ({len(shard_set.shard_paths)} shards, {count} samples, sha256 match)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svam",
+        description="Distil one-step shortcut video-action models (S-VAM) for robots. "
+        "Each verb is one pipeline stage; all stages of a run share runs/<name>/.",
+        epilog="`svam VERB --help` explains a verb. `svam demo` runs the whole loop on the embedded default.",
+    )
+    parser.add_argument("--version", action="version", version=f"svam {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for stage in STAGES:
+        sub = verbs.add_parser(
+            stage.verb,
+            help=stage.summary + ("" if stage.entry else " [not landed yet]"),
+            description=stage.summary + ".\n\n" + textwrap.dedent("        " + stage.description),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_config_arguments(sub)
+        if stage.verb == "collect":
+            sub.add_argument("--out", help="write the episode shards here instead of runs/<name>/episodes")
+        sub.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
+    demo = verbs.add_parser(
+        "demo",
+        help="run every stage on the embedded default, resuming where it stopped",
+        description="Runs the pipeline's stages in order on one run directory "
+        "(default config: configs/tiny.yaml, Meta-World with tiny models on the CPU).",
+    )
+    _add_config_arguments(demo)
+    demo.set_defaults(handler=_run_demo)
+    shards = verbs.add_parser("shards", help="inspect or verify a shard set", description="Shard-set tools.")
+    shard_verbs = shards.add_subparsers(dest="shards_verb", metavar="ACTION", required=True)
+    inspect = shard_verbs.add_parser(
+        "inspect", help="print the manifest, the schema and a sample's shapes", description="Print a "
+        "shard set's manifest summary, its shards, its schema and the first sample's shapes."
+    )
+    inspect.add_argument("path", type=Path, help="shard-set directory (holding manifest.json)")
+    inspect.set_defaults(handler=_shards_inspect)
+    verify = shard_verbs.add_parser(
+        "verify", help="check every shard against the manifest", description="Check sizes and "
+        "sha256 of every shard against manifest.json and decode every sample against the schema."
+    )
+    verify.add_argument("path", type=Path, help="shard-set directory (holding manifest.json)")
+    verify.set_defaults(handler=_shards_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("SVAM_DEBUG"):
+            raise
+        print(f"svam {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"svam {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

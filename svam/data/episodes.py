@@ -1,0 +1,183 @@
+"""Training clips streamed from episode shards.
+
+A clip is `clip_frames` frames `frame_stride` steps apart, starting at a current frame `t0`, with
+the `action_horizon` expert actions from `t0` on. Episodes, never clips, are split into train and
+validation, so no validation frame is ever seen in training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from svam.config import DataConfig
+from svam.data.schema import EPISODES, SchemaError
+from svam.data.shards import ShardSet, read_shard
+
+SPLITS = ("train", "val")
+
+
+def split_episodes(episodes: dict[str, dict[str, Any]], val_fraction: float) -> dict[str, str]:
+    """Map each episode key to 'train' or 'val': per task, the highest seeds go to validation.
+
+    Deterministic and stratified by task; a task with two or more episodes keeps at least one of
+    each when 0 < val_fraction < 1.
+    """
+    by_task: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for key, info in episodes.items():
+        by_task[info["task"]].append((info["seed"], key))
+    split = {}
+    for members in by_task.values():
+        members.sort()
+        n_val = round(len(members) * val_fraction)
+        if 0 < val_fraction < 1 and len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        for index, (_, key) in enumerate(members):
+            split[key] = "val" if index >= len(members) - n_val else "train"
+    return split
+
+
+def clip_starts(length: int, data: DataConfig) -> range:
+    """Start steps of the clips an episode of `length` steps yields."""
+    span = max((data.clip_frames - 1) * data.frame_stride + 1, data.action_horizon)
+    return range(0, max(length - span + 1, 0), data.window_step)
+
+
+def episode_clips(key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], data: DataConfig):
+    """Cut one decoded episode into clip dicts of torch tensors."""
+    frames = torch.from_numpy(arrays["frames"]).permute(0, 3, 1, 2)  # (L, 3, H, W)
+    depth = torch.from_numpy(arrays["depth"])
+    actions = torch.from_numpy(arrays["actions"])
+    state = torch.from_numpy(arrays["state"])
+    for t0 in clip_starts(len(frames), data):
+        index = torch.arange(data.clip_frames) * data.frame_stride + t0
+        yield {
+            "frames": frames[index],
+            "depth": depth[index],
+            "actions": actions[t0 : t0 + data.action_horizon],
+            "state": state[index],
+            "instruction": meta["instruction"],
+            "task": meta["task"],
+            "key": f"{key}/{t0:04d}",
+        }
+
+
+def _consumer() -> tuple[int, int]:
+    """(index, count) of this reader among all data-loader workers of all distributed ranks."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+class EpisodeClips(IterableDataset):
+    """Stream clips of one split of an episode shard set.
+
+    Each reader (data-loader worker x distributed rank) takes a contiguous, disjoint block of the
+    split's episodes, so it opens only the shards that hold them. Shuffling (train default) permutes
+    episode order per epoch and mixes clips in a buffer; both are seeded by (seed, epoch, reader).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        data: DataConfig,
+        split: str,
+        *,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        repeat: bool = False,
+        verify: bool = True,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        self.shard_set = ShardSet.open(root, kind=EPISODES.kind, verify=verify)
+        self.data = data
+        self.split = split
+        self.seed = seed
+        self.shuffle = split == "train" if shuffle is None else shuffle
+        self.repeat = repeat
+        self.epoch = 0
+        manifest = self.shard_set.manifest
+        split_of = split_episodes(manifest["episodes"], data.val_fraction)
+        self.episodes = [
+            (shard["name"], key)
+            for shard in manifest["shards"]
+            for key in shard["keys"]
+            if split_of[key] == split
+        ]
+        if not self.episodes:
+            raise SchemaError(
+                f"{self.shard_set.root}: no {split} episodes (data.val_fraction={data.val_fraction}, "
+                f"{len(split_of)} episodes in all)"
+            )
+
+    def __len__(self) -> int:
+        """Number of clips in one pass over the split."""
+        episodes = self.shard_set.manifest["episodes"]
+        return sum(len(clip_starts(episodes[key]["length"], self.data)) for _, key in self.episodes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _one_pass(self, epoch: int) -> Iterator[dict[str, Any]]:
+        reader, readers = _consumer()
+        lo = reader * len(self.episodes) // readers
+        hi = (reader + 1) * len(self.episodes) // readers
+        mine = self.episodes[lo:hi]
+        rng = random.Random(f"{self.seed}/{epoch}/{reader}")
+        shards = list(dict.fromkeys(name for name, _ in mine))
+        if self.shuffle:
+            rng.shuffle(shards)
+        wanted = {key for _, key in mine}
+
+        def clips():
+            for name in shards:
+                for key, arrays, meta in read_shard(self.shard_set.root / name, EPISODES):
+                    if key in wanted:
+                        yield from episode_clips(key, arrays, meta, self.data)
+
+        if not self.shuffle:
+            yield from clips()
+            return
+        buffer = self.data.shuffle_buffer
+        yield from wds.shuffle(bufsize=buffer, initial=buffer, rng=rng)(clips())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        while True:
+            yield from self._one_pass(epoch)
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def clip_loader(
+    root: str | Path,
+    data: DataConfig,
+    split: str,
+    *,
+    seed: int = 0,
+    batch_size: int | None = None,
+    shuffle: bool | None = None,
+    repeat: bool = False,
+) -> DataLoader:
+    """A DataLoader of clip batches: frames uint8 (B,T,3,H,W), depth float16 (B,T,H,W),
+    actions float32 (B,K,A), state float32 (B,T,S), and lists of instruction, task and key."""
+    dataset = EpisodeClips(root, data, split, seed=seed, shuffle=shuffle, repeat=repeat)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or data.batch_size,
+        num_workers=data.num_workers,
+        persistent_workers=False,
+    )

@@ -1,0 +1,130 @@
+"""The one place that knows what a shard sample holds: key names, dtypes, shapes, schema versions.
+
+Every writer encodes through `ShardSchema.encode` and every reader decodes through
+`ShardSchema.decode`, so a sample that does not match the schema is refused at both ends.
+Arrays are stored as `.npy` members, per-sample metadata as one `.json` member.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class SchemaError(ValueError):
+    """A sample or shard set that does not match the schema; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    dtype: str
+    dims: tuple[str | int, ...]
+    """Named dimensions must agree across the arrays of one sample; ints are fixed sizes."""
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ShardSchema:
+    kind: str
+    version: int
+    arrays: dict[str, ArraySpec]
+    meta_keys: tuple[str, ...] = field(default=())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "version": self.version,
+            "arrays": {
+                name: {"dtype": spec.dtype, "dims": list(spec.dims), "doc": spec.doc}
+                for name, spec in self.arrays.items()
+            },
+            "meta": list(self.meta_keys),
+        }
+
+    def _check(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        missing = set(self.arrays) - set(arrays)
+        extra = set(arrays) - set(self.arrays)
+        if missing or extra:
+            raise SchemaError(
+                f"sample '{key}': arrays {sorted(missing)} missing, {sorted(extra)} unexpected "
+                f"for {self.kind} schema v{self.version}"
+            )
+        missing_meta = set(self.meta_keys) - set(meta)
+        if missing_meta:
+            raise SchemaError(f"sample '{key}': metadata keys {sorted(missing_meta)} missing")
+        sizes: dict[str, int] = {}
+        for name, spec in self.arrays.items():
+            array = arrays[name]
+            if array.dtype != np.dtype(spec.dtype):
+                raise SchemaError(
+                    f"sample '{key}': array '{name}' has dtype {array.dtype}, schema says {spec.dtype}"
+                )
+            if array.ndim != len(spec.dims):
+                raise SchemaError(
+                    f"sample '{key}': array '{name}' has shape {array.shape}, schema says {spec.dims}"
+                )
+            for dim, size in zip(spec.dims, array.shape):
+                expected = dim if isinstance(dim, int) else sizes.setdefault(dim, size)
+                if size != expected:
+                    raise SchemaError(
+                        f"sample '{key}': array '{name}' dim {dim} is {size}, expected {expected}"
+                    )
+
+    def encode(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict:
+        """A webdataset sample dict of bytes (deterministic: same input, same bytes)."""
+        self._check(key, arrays, meta)
+        sample: dict[str, Any] = {"__key__": key}
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+            sample[f"{name}.npy"] = buffer.getvalue()
+        sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+        return sample
+
+    def decode(self, sample: dict[str, Any]) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
+        """The inverse of `encode` for a raw webdataset sample (member name -> bytes)."""
+        key = sample["__key__"]
+        source = sample.get("__url__", "?")
+        arrays = {}
+        for name in self.arrays:
+            member = f"{name}.npy"
+            if member not in sample:
+                raise SchemaError(f"{source}: sample '{key}' has no member '{member}'")
+            arrays[name] = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+        if "meta.json" not in sample:
+            raise SchemaError(f"{source}: sample '{key}' has no member 'meta.json'")
+        meta = json.loads(sample["meta.json"])
+        self._check(key, arrays, meta)
+        return key, arrays, meta
+
+
+EPISODES = ShardSchema(
+    kind="episodes",
+    version=1,
+    arrays={
+        "frames": ArraySpec("uint8", ("L", "H", "W", 3), "RGB observation before action i, upright"),
+        "depth": ArraySpec("float16", ("L", "H", "W"), "depth in metres from the same camera"),
+        "actions": ArraySpec("float32", ("L", "A"), "expert action i"),
+        "state": ArraySpec("float32", ("L", "S"), "proprioception: end-effector xyz, gripper"),
+    },
+    meta_keys=("task", "instruction", "seed", "success", "first_success_step", "camera"),
+)
+
+SCHEMAS = {schema.kind: schema for schema in (EPISODES,)}
+
+
+def schema_for(kind: str, version: int, source: str) -> ShardSchema:
+    """The schema a manifest names, or a one-line error naming the manifest."""
+    schema = SCHEMAS.get(kind)
+    if schema is None:
+        raise SchemaError(f"{source}: unknown shard kind '{kind}' (known: {', '.join(SCHEMAS)})")
+    if version != schema.version:
+        raise SchemaError(
+            f"{source}: {kind} schema version {version} is not supported by this svam "
+            f"(it reads version {schema.version})"
+        )
+    return schema

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny configs, synthetic episode shard sets and one real Meta-World collection."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from svam.collect import episode_key  # noqa: E402
+from svam.config import load_config  # noqa: E402
+from svam.data.schema import EPISODES  # noqa: E402
+from svam.data.shards import ShardSetWriter  # noqa: E402
+
+
+def synthetic_episode(task: str, seed: int, length: int, size: int = 8):
+    """An episode whose values encode (seed, step), so a clip can be traced back to its source."""
+    steps = np.arange(length, dtype=np.float32)
+    frames = np.broadcast_to((steps[:, None, None, None] + seed) % 256, (length, size, size, 3))
+    arrays = {
+        "frames": frames.astype(np.uint8),
+        "depth": np.broadcast_to(steps[:, None, None] / 100 + 1, (length, size, size)).astype(np.float16),
+        "actions": np.stack([steps, steps + 0.5, np.full_like(steps, seed), -steps], axis=1),
+        "state": np.stack([steps, steps, steps, np.full_like(steps, seed)], axis=1),
+    }
+    meta = {
+        "task": task,
+        "instruction": f"do {task}",
+        "seed": seed,
+        "success": True,
+        "first_success_step": length - 1,
+        "camera": "corner",
+    }
+    return arrays, meta
+
+
+def write_synthetic_episodes(out_dir, tasks=("reach-v3", "push-v3"), seeds=range(4), length=20, per_shard=3):
+    episodes = {}
+    with ShardSetWriter(out_dir, EPISODES, per_shard) as writer:
+        for task in tasks:
+            for seed in seeds:
+                arrays, meta = synthetic_episode(task, seed, length)
+                key = episode_key(task, seed)
+                writer.write(key, arrays, meta)
+                episodes[key] = {"task": task, "seed": seed, "length": length, "success": True}
+        writer.close(episodes=episodes)
+    return out_dir
+
+
+@pytest.fixture
+def synthetic_episodes(tmp_path):
+    return write_synthetic_episodes(tmp_path / "episodes")
+
+
+def tiny_collect_overrides(root) -> list[str]:
+    """2 tasks x 2 episodes at 32x32: the smallest collection that exercises everything."""
+    return [
+        f"run.root={root}",
+        "run.name=test",
+        "collect.tasks=[reach-v3,button-press-topdown-v3]",
+        "collect.episodes_per_task=2",
+        "collect.image_size=32",
+        "collect.max_steps=120",
+        "collect.workers=1",
+        "collect.episodes_per_shard=3",
+    ]
+
+
+@pytest.fixture(scope="session")
+def collected(tmp_path_factory):
+    """One real Meta-World collection shared by the tests that only read it."""
+    from svam.collect import collect
+
+    root = tmp_path_factory.mktemp("runs")
+    config = load_config("tiny", tiny_collect_overrides(root))
+    return config, collect(config)

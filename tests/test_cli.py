@@ -1,0 +1,64 @@
+import subprocess
+import sys
+
+import pytest
+
+from svam.cli import STAGES, build_parser, main
+
+VERBS = [stage.verb for stage in STAGES] + ["demo", "shards"]
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "svam.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for verb in VERBS:
+        assert verb in result.stdout
+
+
+@pytest.mark.parametrize("verb", VERBS + ["shards inspect", "shards verify"])
+def test_every_verb_explains_itself(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*verb.split(), "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: svam " + verb)
+    assert len(text.splitlines()) < 40  # one screen
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s.entry is None], ids=lambda s: s.verb)
+def test_stages_not_landed_say_so(stage, capsys):
+    assert main([stage.verb]) == 2
+    assert "has not landed yet" in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_one_line(capsys):
+    assert main(["collect", "collect.taks=[reach-v3]"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("svam collect: error: unknown config key 'collect.taks'") and "\n" not in err
+
+
+def test_unknown_task_is_one_line(tmp_path, capsys):
+    assert main(["collect", f"run.root={tmp_path}", "collect.tasks=[pick-plase-v3]"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "pick-plase-v3" in err and "pick-place-v3" in err and "\n" not in err
+    assert not any(tmp_path.rglob("*.tar"))
+
+
+def test_shards_inspect_and_verify(synthetic_episodes, capsys):
+    assert main(["shards", "inspect", str(synthetic_episodes)]) == 0
+    out = capsys.readouterr().out
+    assert "episodes shards, schema v1" in out and "shard-00002.tar" in out
+    assert "frames     uint8    (20, 8, 8, 3)" in out
+    assert main(["shards", "verify", str(synthetic_episodes)]) == 0
+    assert "OK (3 shards, 8 samples" in capsys.readouterr().out
+
+
+def test_shards_verify_fails_on_corruption(synthetic_episodes, capsys):
+    (synthetic_episodes / "shard-00000.tar").write_bytes(b"garbage")
+    assert main(["shards", "verify", str(synthetic_episodes)]) == 1
+    assert "shard-00000.tar: sha256 does not match" in capsys.readouterr().err
+
+
+def test_run_flag_sets_the_run_name():
+    args = build_parser().parse_args(["collect", "--run", "exp1", "collect.workers=1"])
+    assert args.run == "exp1" and args.overrides == ["collect.workers=1"]

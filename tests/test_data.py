@@ -1,0 +1,177 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_episode, write_synthetic_episodes
+from torch.utils.data import DataLoader
+
+from svam.config import DataConfig
+from svam.data.episodes import EpisodeClips, clip_loader, clip_starts, split_episodes
+from svam.data.schema import EPISODES, SchemaError
+from svam.data.shards import MANIFEST_NAME, ShardSet, ShardSetWriter
+
+DATA = DataConfig(clip_frames=4, frame_stride=2, action_horizon=5, window_step=3, val_fraction=0.25,
+                  shuffle_buffer=16, num_workers=0, batch_size=4)
+
+
+def test_schema_round_trip():
+    arrays, meta = synthetic_episode("reach-v3", 3, 6)
+    sample = EPISODES.encode("reach-v3-000003", arrays, meta)
+    assert EPISODES.encode("reach-v3-000003", arrays, meta) == sample  # deterministic bytes
+    key, decoded, decoded_meta = EPISODES.decode(sample)
+    assert key == "reach-v3-000003" and decoded_meta == meta
+    for name in arrays:
+        np.testing.assert_array_equal(decoded[name], arrays[name])
+        assert decoded[name].dtype == arrays[name].dtype
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda a: a.update(depth=a["depth"].astype(np.float32)), "'depth' has dtype float32"),
+        (lambda a: a.update(actions=a["actions"][:-1]), "'actions' dim L is 5, expected 6"),
+        (lambda a: a.pop("state"), r"\['state'\] missing"),
+        (lambda a: a.update(frames=a["frames"][..., :2]), "'frames' dim 3 is 2"),
+    ],
+)
+def test_schema_rejects_bad_samples(corrupt, match):
+    arrays, meta = synthetic_episode("reach-v3", 0, 6)
+    corrupt(arrays)
+    with pytest.raises(SchemaError, match=match):
+        EPISODES.encode("k", arrays, meta)
+
+
+def test_writer_is_all_or_nothing(tmp_path):
+    out = tmp_path / "episodes"
+    with pytest.raises(RuntimeError):
+        with ShardSetWriter(out, EPISODES, 2) as writer:
+            writer.write("reach-v3-000000", *synthetic_episode("reach-v3", 0, 5))
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_lists_shards_and_counts(synthetic_episodes):
+    shard_set = ShardSet.open(synthetic_episodes)
+    manifest = shard_set.manifest
+    assert manifest["kind"] == "episodes" and manifest["num_samples"] == 8
+    assert [s["samples"] for s in manifest["shards"]] == [3, 3, 2]
+    assert sorted(p.name for p in synthetic_episodes.iterdir()) == [
+        MANIFEST_NAME, "shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert [key for key, _, _ in shard_set.samples()] == [k for s in manifest["shards"] for k in s["keys"]]
+
+
+def test_missing_shard_set_and_partial_hint(tmp_path):
+    with pytest.raises(SchemaError, match="shard set not found"):
+        ShardSet.open(tmp_path / "nope")
+    (tmp_path / "episodes.partial").mkdir()
+    with pytest.raises(SchemaError, match="interrupted"):
+        ShardSet.open(tmp_path / "episodes")
+    (tmp_path / "episodes").mkdir()
+    with pytest.raises(SchemaError, match="manifest.json: missing"):
+        ShardSet.open(tmp_path / "episodes")
+
+
+def _edit_manifest(root, **changes):
+    path = root / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def test_unknown_schema_version(synthetic_episodes):
+    _edit_manifest(synthetic_episodes, schema_version=99)
+    with pytest.raises(SchemaError, match="schema version 99 is not supported"):
+        ShardSet.open(synthetic_episodes)
+
+
+def test_sha256_mismatch_names_the_shard(synthetic_episodes):
+    shard = synthetic_episodes / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SchemaError, match="shard-00001.tar: sha256 does not match"):
+        ShardSet.open(synthetic_episodes)
+
+
+def test_missing_shard_file(synthetic_episodes):
+    (synthetic_episodes / "shard-00002.tar").unlink()
+    with pytest.raises(SchemaError, match="shard-00002.tar: shard listed in the manifest is missing"):
+        ShardSet.open(synthetic_episodes)
+
+
+def test_truncated_tar_names_the_shard(synthetic_episodes):
+    shard = synthetic_episodes / "shard-00000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    shard_set = ShardSet.open(synthetic_episodes, verify=False)
+    with pytest.raises(SchemaError, match="shard-00000.tar: unreadable shard"):
+        list(shard_set.samples())
+
+
+def test_split_is_by_episode_and_stratified():
+    episodes = {f"{t}-{s}": {"task": t, "seed": s} for t in ("a", "b") for s in range(4)}
+    split = split_episodes(episodes, 0.25)
+    assert sorted(k for k, v in split.items() if v == "val") == ["a-3", "b-3"]
+    # every task keeps one episode on each side even when rounding says otherwise
+    assert Counter(split_episodes({"a-0": {"task": "a", "seed": 0}, "a-1": {"task": "a", "seed": 1}}, 0.1).values()) == {"train": 1, "val": 1}
+
+
+def test_clips_have_schema_shapes_and_trace_back(synthetic_episodes):
+    clips = list(EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False))
+    first = clips[0]
+    assert first["frames"].shape == (4, 3, 8, 8) and first["frames"].dtype == torch.uint8
+    assert first["depth"].shape == (4, 8, 8) and first["depth"].dtype == torch.float16
+    assert first["actions"].shape == (5, 4) and first["state"].shape == (4, 4)
+    for clip in clips:
+        key, t0 = clip["key"].split("/")
+        t0, seed = int(t0), int(key.rsplit("-", 1)[1])
+        steps = [t0 + 2 * i for i in range(4)]
+        assert clip["frames"][:, 0, 0, 0].tolist() == [(s + seed) % 256 for s in steps]
+        assert clip["actions"][:, 0].tolist() == list(range(t0, t0 + 5))
+        assert clip["state"][:, 3].tolist() == [seed] * 4
+        assert clip["instruction"] == f"do {clip['task']}"
+    assert len(clips) == len(EpisodeClips(synthetic_episodes, DATA, "train")) == 6 * len(clip_starts(20, DATA))
+
+
+def test_train_and_val_never_share_an_episode(synthetic_episodes):
+    def episodes_of(split):
+        return {clip["key"].split("/")[0] for clip in EpisodeClips(synthetic_episodes, DATA, split)}
+
+    train, val = episodes_of("train"), episodes_of("val")
+    assert not train & val and len(train | val) == 8 and val == {"reach-v3-000003", "push-v3-000003"}
+
+
+def test_shuffle_is_seeded(synthetic_episodes):
+    def keys(seed, epoch=0):
+        dataset = EpisodeClips(synthetic_episodes, DATA, "train", seed=seed)
+        dataset.set_epoch(epoch)
+        return [clip["key"] for clip in dataset]
+
+    assert keys(0) == keys(0)
+    assert keys(0) != keys(1) and sorted(keys(0)) == sorted(keys(1))
+    assert keys(0, epoch=1) != keys(0)
+
+
+def test_workers_read_disjoint_parts(synthetic_episodes):
+    single = [clip["key"] for clip in EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False)]
+    loader = DataLoader(EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False), batch_size=None, num_workers=2)
+    multi = [clip["key"] for clip in loader]
+    assert sorted(multi) == sorted(single) and len(set(multi)) == len(multi)
+
+
+def test_repeat_streams_more_than_one_epoch(synthetic_episodes):
+    dataset = EpisodeClips(synthetic_episodes, DATA, "val", repeat=True)
+    stream = iter(dataset)
+    assert len([next(stream) for _ in range(3 * len(dataset))]) == 3 * len(dataset)
+
+
+def test_loader_batches(synthetic_episodes):
+    batch = next(iter(clip_loader(synthetic_episodes, DATA, "train", seed=0)))
+    assert batch["frames"].shape == (4, 4, 3, 8, 8) and len(batch["instruction"]) == 4
+
+
+def test_no_validation_episodes_is_an_error(tmp_path):
+    root = write_synthetic_episodes(tmp_path / "e", tasks=("reach-v3",), seeds=range(1))
+    with pytest.raises(SchemaError, match="no val episodes"):
+        EpisodeClips(root, DATA, "val")
