@@ -1,6 +1,6 @@
 """The `svam` command line: one verb per pipeline stage; each verb parses, loads the config, calls the stage.
 
-    svam <verb> [--config FILE] [--run NAME] [key=value ...]
+svam <verb> [--config FILE] [--run NAME] [key=value ...]
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default="tiny",
         help="YAML config file, or the name of one in configs/ (default: tiny, the embedded default)",
     )
-    parser.add_argument("--run", help="run name: outputs go to <run.root>/<NAME>/ (overrides run.name)")
+    parser.add_argument(
+        "--run", help="run name: outputs go to <run.root>/<NAME>/ (overrides run.name)"
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. collect.workers=1"
     )
@@ -150,7 +152,9 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     print(textwrap.indent(json.dumps(summary, indent=2, sort_keys=True), "  "))
     print(f"shards ({len(manifest['shards'])}, listed in {MANIFEST_NAME}):")
     for shard in manifest["shards"]:
-        print(f"  {shard['name']}  {shard['samples']:>5} samples  {shard['bytes']:>12,} B  {shard['sha256'][:16]}")
+        print(
+            f"  {shard['name']}  {shard['samples']:>5} samples  {shard['bytes']:>12,} B  {shard['sha256'][:16]}"
+        )
     print("schema:")
     for name, spec in manifest["schema"]["arrays"].items():
         print(f"  {name:<10} {spec['dtype']:<8} {tuple(spec['dims'])}  {spec['doc']}")
@@ -168,7 +172,9 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
     shard_set = ShardSet.open(args.path, verify=True)
     count = sum(1 for _ in shard_set.samples())
-    print(f"{shard_set.root}: OK ({len(shard_set.shard_paths)} shards, {count} samples, sha256 match)")
+    print(
+        f"{shard_set.root}: OK ({len(shard_set.shard_paths)} shards, {count} samples, sha256 match)"
+    )
     return 0
 
 
@@ -190,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_config_arguments(sub)
         if stage.verb == "collect":
-            sub.add_argument("--out", help="write the episode shards here instead of runs/<name>/episodes")
+            sub.add_argument(
+                "--out", help="write the episode shards here instead of runs/<name>/episodes"
+            )
         sub.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
     demo = verbs.add_parser(
         "demo",
@@ -200,17 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(demo)
     demo.set_defaults(handler=_run_demo)
-    shards = verbs.add_parser("shards", help="inspect or verify a shard set", description="Shard-set tools.")
+    shards = verbs.add_parser(
+        "shards", help="inspect or verify a shard set", description="Shard-set tools."
+    )
     shard_verbs = shards.add_subparsers(dest="shards_verb", metavar="ACTION", required=True)
     inspect = shard_verbs.add_parser(
-        "inspect", help="print the manifest, the schema and a sample's shapes", description="Print a "
-        "shard set's manifest summary, its shards, its schema and the first sample's shapes."
+        "inspect",
+        help="print the manifest, the schema and a sample's shapes",
+        description="Print a "
+        "shard set's manifest summary, its shards, its schema and the first sample's shapes.",
     )
     inspect.add_argument("path", type=Path, help="shard-set directory (holding manifest.json)")
     inspect.set_defaults(handler=_shards_inspect)
     verify = shard_verbs.add_parser(
-        "verify", help="check every shard against the manifest", description="Check sizes and "
-        "sha256 of every shard against manifest.json and decode every sample against the schema."
+        "verify",
+        help="check every shard against the manifest",
+        description="Check sizes and "
+        "sha256 of every shard against manifest.json and decode every sample against the schema.",
     )
     verify.add_argument("path", type=Path, help="shard-set directory (holding manifest.json)")
     verify.set_defaults(handler=_shards_verify)

@@ -1,26 +1,167 @@
-"""Configuration of the video diffusion teacher (Stable Video Diffusion architecture, VPP conditioning)."""
+"""Configuration of the video diffusion teacher (Stable Video Diffusion architecture, VPP conditioning).
+
+Defaults are the tiny setting (64 px, 8 frames, a ~3M-parameter UNet that trains on 2 CPU cores);
+`configs/svd-xt.yaml` describes the published full-scale model. The architecture keys describe a
+teacher built from scratch; a teacher loaded from `pretrained_path` takes its architecture from the
+directory and the resolved values are what its saved `teacher_config.json` records.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+FEATURE_UPSAMPLE_MODES = ("nearest", "bilinear")
+
 
 @dataclass
 class TeacherConfig:
     pretrained_path: str | None = None
-    """Local diffusers directory of a (fine-tuned) SVD; None builds the architecture below from scratch."""
+    """Local directory: a svam teacher, or a diffusers SVD (unet/, vae/, scheduler/); None builds
+    the architecture below from scratch (random init)."""
     text_encoder_path: str | None = None
-    """Local CLIP text-encoder directory; None builds a random-init one of `text_hidden_size`."""
+    """Local CLIP directory (text encoder + tokenizer) for an SVD `pretrained_path`; None builds a
+    random-init CLIP text encoder of `text_*` size with OpenAI CLIP's BPE vocabulary."""
     image_size: int = 64
+    """Frames are resized to this square size before the VAE."""
     num_frames: int = 8
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """Frames generated per clip (frame 0 reconstructs the current observation)."""
+
+    # VAE: diffusers AutoencoderKLTemporalDecoder (downsamples by 2 ** (len(channels) - 1)).
+    latent_channels: int = 4
+    vae_block_out_channels: list[int] = field(default_factory=lambda: [32, 32, 64])
+    vae_layers_per_block: int = 1
+    vae_scaling_factor: float = 0.18215
+
+    # UNet: diffusers UNetSpatioTemporalConditionModel (channels multiples of 32: GroupNorm(32)).
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    down_block_types: list[str] = field(
+        default_factory=lambda: [
+            "DownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+        ]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: [
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "UpBlockSpatioTemporal",
+        ]
+    )
+    layers_per_block: int = 1
+    num_attention_heads: list[int] = field(default_factory=lambda: [1, 2, 2])
+    transformer_layers_per_block: int = 1
+    cross_attention_dim: int = 64
+    addition_time_embed_dim: int = 32
+    """Sinusoid size of each of the 3 added time ids (SVD: 256, i.e. a 768-d projection input)."""
+
+    # Instruction encoder: transformers CLIPTextModel; projected to cross_attention_dim if sizes differ.
+    text_hidden_size: int = 64
+    text_num_layers: int = 2
+    text_num_heads: int = 2
+    text_intermediate_size: int = 128
+    max_text_length: int = 20
+    """Instruction tokens (padded/truncated): the cross-attention sequence length."""
+
+    # SVD micro-conditioning, fixed constants (the UNet gets fps - 1, as SVD was trained).
+    fps: int = 7
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    """Std of the Gaussian noise added to the current frame (in [-1, 1] pixels) before encoding it."""
+
+    # Sampling.
     num_inference_steps: int = 25
+    guidance_scale: float = 1.0
+    """Classifier-free guidance on the instruction (empty-prompt unconditional); 1 turns it off."""
+
+    # One-step features.
     feature_up_blocks: list[int] = field(default_factory=lambda: [0, 1])
+    feature_sigma: float | None = None
+    """Noise level of the one-step pass; None: the first (noisiest) of the sampling schedule."""
+    feature_upsample: str = "bilinear"
+    """How coarser up-block outputs are resized to the finest requested grid: nearest or bilinear."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_scale_factor
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent key."""
+        levels = len(self.block_out_channels)
+        for key in ("down_block_types", "up_block_types", "num_attention_heads"):
+            if len(getattr(self, key)) != levels:
+                raise ValueError(
+                    f"teacher.{key} has {len(getattr(self, key))} entries, "
+                    f"teacher.block_out_channels has {levels}"
+                )
+        for key in ("block_out_channels", "vae_block_out_channels"):
+            bad = [c for c in getattr(self, key) if c % 32]
+            if bad:
+                raise ValueError(f"teacher.{key}: {bad} not multiples of 32 (GroupNorm with 32 groups)")
+        if self.image_size % self.vae_scale_factor:
+            raise ValueError(
+                f"teacher.image_size={self.image_size} is not a multiple of the VAE's downsampling "
+                f"factor {self.vae_scale_factor}"
+            )
+        if not self.feature_up_blocks or not all(0 <= b < levels for b in self.feature_up_blocks):
+            raise ValueError(
+                f"teacher.feature_up_blocks={self.feature_up_blocks}: need up-block indices in [0, {levels - 1}]"
+            )
+        if self.feature_upsample not in FEATURE_UPSAMPLE_MODES:
+            raise ValueError(
+                f"teacher.feature_upsample='{self.feature_upsample}': one of {', '.join(FEATURE_UPSAMPLE_MODES)}"
+            )
+        if self.num_inference_steps < 1:
+            raise ValueError("teacher.num_inference_steps must be at least 1")
 
 
 @dataclass
 class TeacherTrainConfig:
-    """`svam train-teacher` optimisation settings."""
+    """`svam train-teacher`: EDM denoising loss on episode clips, accelerate, EMA, checkpoints."""
 
-    steps: int = 2000
-    learning_rate: float = 1e-4
+    episodes: str | None = None
+    """Episode shard directory; None: the run directory's episodes/."""
+    output_dir: str | None = None
+    """Final teacher directory; None: the run directory's teacher/. Checkpoints, sample grids and
+    the VAE warm-up go to a sibling `<output_dir>-train/`."""
+    steps: int = 600
+    """Optimizer steps of the UNet (each of gradient_accumulation_steps x data.batch_size clips)."""
+    learning_rate: float = 5e-4
+    lr_scheduler: str = "constant_with_warmup"
+    """A diffusers.optimization schedule name (constant, constant_with_warmup, cosine, linear...)."""
+    lr_warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    """accelerate's: no, fp16 (GPU), bf16."""
+    gradient_checkpointing: bool = False
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    """EMA decay ceiling; the decay warms up as 1 - (1 + step) ** -2/3 (diffusers EMAModel)."""
+    text_dropout: float = 0.1
+    """Probability of training a clip with the empty instruction (enables guidance)."""
+    sigma_p_mean: float = 0.7
+    sigma_p_std: float = 1.6
+    """Training noise levels: log(sigma) ~ N(p_mean, p_std^2), as SVD was trained."""
+    vae_steps: int = 300
+    """Warm-up of a from-scratch VAE on episode frames before the UNet (then frozen); must be 0
+    with a pretrained teacher, whose VAE stays frozen."""
+    vae_learning_rate: float = 1e-3
+    vae_batch_clips: int = 2
+    vae_kl_weight: float = 1e-6
+    cache_latents: bool = True
+    """Keep each clip's VAE latents in memory after the first encode (tiny datasets only)."""
+    log_every: int = 10
+    sample_every: int = 200
+    """Steps between validation loss + predicted-vs-real sample grids (PNG + tensorboard)."""
+    sample_clips: int = 4
+    val_batches: int = 2
+    checkpoint_every: int = 200
+    checkpoints_total_limit: int = 2
+    resume: str | None = "latest"
+    """'latest' (newest checkpoint in the work dir, if any), a checkpoint directory, or None."""

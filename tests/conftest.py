@@ -21,7 +21,9 @@ def synthetic_episode(task: str, seed: int, length: int, size: int = 8):
     frames = np.broadcast_to((steps[:, None, None, None] + seed) % 256, (length, size, size, 3))
     arrays = {
         "frames": frames.astype(np.uint8),
-        "depth": np.broadcast_to(steps[:, None, None] / 100 + 1, (length, size, size)).astype(np.float16),
+        "depth": np.broadcast_to(steps[:, None, None] / 100 + 1, (length, size, size)).astype(
+            np.float16
+        ),
         "actions": np.stack([steps, steps + 0.5, np.full_like(steps, seed), -steps], axis=1),
         "state": np.stack([steps, steps, steps, np.full_like(steps, seed)], axis=1),
     }
@@ -36,7 +38,9 @@ def synthetic_episode(task: str, seed: int, length: int, size: int = 8):
     return arrays, meta
 
 
-def write_synthetic_episodes(out_dir, tasks=("reach-v3", "push-v3"), seeds=range(4), length=20, per_shard=3):
+def write_synthetic_episodes(
+    out_dir, tasks=("reach-v3", "push-v3"), seeds=range(4), length=20, per_shard=3
+):
     episodes = {}
     with ShardSetWriter(out_dir, EPISODES, per_shard) as writer:
         for task in tasks:

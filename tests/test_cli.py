@@ -9,7 +9,9 @@ VERBS = [stage.verb for stage in STAGES] + ["demo", "shards"]
 
 
 def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "svam.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "svam.cli", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     for verb in VERBS:
         assert verb in result.stdout
@@ -34,7 +36,9 @@ def test_stages_not_landed_say_so(stage, capsys):
 def test_unknown_config_key_is_one_line(capsys):
     assert main(["collect", "collect.taks=[reach-v3]"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("svam collect: error: unknown config key 'collect.taks'") and "\n" not in err
+    assert (
+        err.startswith("svam collect: error: unknown config key 'collect.taks'") and "\n" not in err
+    )
 
 
 def test_unknown_task_is_one_line(tmp_path, capsys):

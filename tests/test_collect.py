@@ -22,7 +22,11 @@ def test_collection_reads_back_with_the_right_shapes(collected):
         assert arrays["actions"].shape == (length, 4) and arrays["state"].shape == (length, 4)
         assert meta["success"] and meta["task"] in config.collect.tasks and meta["instruction"]
         assert key == f"{meta['task']}-{meta['seed']:06d}"
-        assert meta["first_success_step"] < length <= meta["first_success_step"] + 1 + config.collect.steps_after_success
+        assert (
+            meta["first_success_step"]
+            < length
+            <= meta["first_success_step"] + 1 + config.collect.steps_after_success
+        )
     assert (out.parent / "configs" / "collect.yaml").is_file()
 
 
@@ -40,16 +44,24 @@ def test_same_config_same_bytes_whatever_the_workers(collected, tmp_path):
     for name in ["shard-00000.tar", "shard-00001.tar"]:
         assert (out / name).read_bytes() == (out2 / name).read_bytes()
     first, second = (json.loads((d / MANIFEST_NAME).read_text()) for d in (out, out2))
-    assert first["shards"] == second["shards"] and first["config_hash"] != "" 
+    assert first["shards"] == second["shards"] and first["config_hash"] != ""
 
 
 def test_failed_episodes_are_dropped_and_counted(tmp_path):
-    config = load_config("tiny", tiny_collect_overrides(tmp_path) + ["collect.tasks=[reach-v3]", "collect.max_steps=3"])
+    config = load_config(
+        "tiny",
+        tiny_collect_overrides(tmp_path) + ["collect.tasks=[reach-v3]", "collect.max_steps=3"],
+    )
     with pytest.raises(ValueError, match="no episode kept: the expert failed all 2"):
         collect(config)
     assert not (tmp_path / "test" / "episodes").exists()
     assert not (tmp_path / "test" / "episodes.partial").exists()
-    kept = collect(load_config("tiny", tiny_collect_overrides(tmp_path) + [
-        "collect.tasks=[reach-v3]", "collect.max_steps=3", "collect.keep_failed=true"]))
+    kept = collect(
+        load_config(
+            "tiny",
+            tiny_collect_overrides(tmp_path)
+            + ["collect.tasks=[reach-v3]", "collect.max_steps=3", "collect.keep_failed=true"],
+        )
+    )
     manifest = ShardSet.open(kept).manifest
     assert manifest["kept"] == 2 and not any(e["success"] for e in manifest["episodes"].values())

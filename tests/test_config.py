@@ -24,7 +24,9 @@ def test_svd_xt_describes_the_published_setting():
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config("tiny", ["collect.workers=1", "collect.tasks=[push-v3]", "data.val_fraction=0.5"])
+    config = load_config(
+        "tiny", ["collect.workers=1", "collect.tasks=[push-v3]", "data.val_fraction=0.5"]
+    )
     assert config.collect.workers == 1
     assert config.collect.tasks == ["push-v3"]
     assert config.data.val_fraction == 0.5
@@ -41,7 +43,9 @@ def test_unknown_key_lists_valid_keys():
 def test_unknown_section_in_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("colect:\n  workers: 1\n")
-    with pytest.raises(ConfigError, match="unknown config key 'colect'.*valid keys in the top level: run"):
+    with pytest.raises(
+        ConfigError, match="unknown config key 'colect'.*valid keys in the top level: run"
+    ):
         load_config(path)
 
 

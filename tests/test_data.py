@@ -12,8 +12,16 @@ from svam.data.episodes import EpisodeClips, clip_loader, clip_starts, split_epi
 from svam.data.schema import EPISODES, SchemaError
 from svam.data.shards import MANIFEST_NAME, ShardSet, ShardSetWriter
 
-DATA = DataConfig(clip_frames=4, frame_stride=2, action_horizon=5, window_step=3, val_fraction=0.25,
-                  shuffle_buffer=16, num_workers=0, batch_size=4)
+DATA = DataConfig(
+    clip_frames=4,
+    frame_stride=2,
+    action_horizon=5,
+    window_step=3,
+    val_fraction=0.25,
+    shuffle_buffer=16,
+    num_workers=0,
+    batch_size=4,
+)
 
 
 def test_schema_round_trip():
@@ -58,8 +66,14 @@ def test_manifest_lists_shards_and_counts(synthetic_episodes):
     assert manifest["kind"] == "episodes" and manifest["num_samples"] == 8
     assert [s["samples"] for s in manifest["shards"]] == [3, 3, 2]
     assert sorted(p.name for p in synthetic_episodes.iterdir()) == [
-        MANIFEST_NAME, "shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
-    assert [key for key, _, _ in shard_set.samples()] == [k for s in manifest["shards"] for k in s["keys"]]
+        MANIFEST_NAME,
+        "shard-00000.tar",
+        "shard-00001.tar",
+        "shard-00002.tar",
+    ]
+    assert [key for key, _, _ in shard_set.samples()] == [
+        k for s in manifest["shards"] for k in s["keys"]
+    ]
 
 
 def test_missing_shard_set_and_partial_hint(tmp_path):
@@ -97,7 +111,9 @@ def test_sha256_mismatch_names_the_shard(synthetic_episodes):
 
 def test_missing_shard_file(synthetic_episodes):
     (synthetic_episodes / "shard-00002.tar").unlink()
-    with pytest.raises(SchemaError, match="shard-00002.tar: shard listed in the manifest is missing"):
+    with pytest.raises(
+        SchemaError, match="shard-00002.tar: shard listed in the manifest is missing"
+    ):
         ShardSet.open(synthetic_episodes)
 
 
@@ -114,7 +130,11 @@ def test_split_is_by_episode_and_stratified():
     split = split_episodes(episodes, 0.25)
     assert sorted(k for k, v in split.items() if v == "val") == ["a-3", "b-3"]
     # every task keeps one episode on each side even when rounding says otherwise
-    assert Counter(split_episodes({"a-0": {"task": "a", "seed": 0}, "a-1": {"task": "a", "seed": 1}}, 0.1).values()) == {"train": 1, "val": 1}
+    assert Counter(
+        split_episodes(
+            {"a-0": {"task": "a", "seed": 0}, "a-1": {"task": "a", "seed": 1}}, 0.1
+        ).values()
+    ) == {"train": 1, "val": 1}
 
 
 def test_clips_have_schema_shapes_and_trace_back(synthetic_episodes):
@@ -131,7 +151,11 @@ def test_clips_have_schema_shapes_and_trace_back(synthetic_episodes):
         assert clip["actions"][:, 0].tolist() == list(range(t0, t0 + 5))
         assert clip["state"][:, 3].tolist() == [seed] * 4
         assert clip["instruction"] == f"do {clip['task']}"
-    assert len(clips) == len(EpisodeClips(synthetic_episodes, DATA, "train")) == 6 * len(clip_starts(20, DATA))
+    assert (
+        len(clips)
+        == len(EpisodeClips(synthetic_episodes, DATA, "train"))
+        == 6 * len(clip_starts(20, DATA))
+    )
 
 
 def test_train_and_val_never_share_an_episode(synthetic_episodes):
@@ -139,7 +163,9 @@ def test_train_and_val_never_share_an_episode(synthetic_episodes):
         return {clip["key"].split("/")[0] for clip in EpisodeClips(synthetic_episodes, DATA, split)}
 
     train, val = episodes_of("train"), episodes_of("val")
-    assert not train & val and len(train | val) == 8 and val == {"reach-v3-000003", "push-v3-000003"}
+    assert (
+        not train & val and len(train | val) == 8 and val == {"reach-v3-000003", "push-v3-000003"}
+    )
 
 
 def test_shuffle_is_seeded(synthetic_episodes):
@@ -154,8 +180,14 @@ def test_shuffle_is_seeded(synthetic_episodes):
 
 
 def test_workers_read_disjoint_parts(synthetic_episodes):
-    single = [clip["key"] for clip in EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False)]
-    loader = DataLoader(EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False), batch_size=None, num_workers=2)
+    single = [
+        clip["key"] for clip in EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False)
+    ]
+    loader = DataLoader(
+        EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False),
+        batch_size=None,
+        num_workers=2,
+    )
     multi = [clip["key"] for clip in loader]
     assert sorted(multi) == sorted(single) and len(set(multi)) == len(multi)
 

@@ -67,7 +67,7 @@ class ShardSchema:
                 raise SchemaError(
                     f"sample '{key}': array '{name}' has shape {array.shape}, schema says {spec.dims}"
                 )
-            for dim, size in zip(spec.dims, array.shape):
+            for dim, size in zip(spec.dims, array.shape, strict=True):
                 expected = dim if isinstance(dim, int) else sizes.setdefault(dim, size)
                 if size != expected:
                     raise SchemaError(
@@ -106,7 +106,9 @@ EPISODES = ShardSchema(
     kind="episodes",
     version=1,
     arrays={
-        "frames": ArraySpec("uint8", ("L", "H", "W", 3), "RGB observation before action i, upright"),
+        "frames": ArraySpec(
+            "uint8", ("L", "H", "W", 3), "RGB observation before action i, upright"
+        ),
         "depth": ArraySpec("float16", ("L", "H", "W"), "depth in metres from the same camera"),
         "actions": ArraySpec("float32", ("L", "A"), "expert action i"),
         "state": ArraySpec("float32", ("L", "S"), "proprioception: end-effector xyz, gripper"),

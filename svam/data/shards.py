@@ -72,7 +72,10 @@ class ShardSetWriter:
         name = self.shards[-1]["name"]
         path = self.partial_dir / name
         self.shards[-1].update(
-            samples=len(self._keys), keys=self._keys, bytes=path.stat().st_size, sha256=sha256_file(path)
+            samples=len(self._keys),
+            keys=self._keys,
+            bytes=path.stat().st_size,
+            sha256=sha256_file(path),
         )
         self._tar, self._keys = None, []
 
@@ -83,7 +86,9 @@ class ShardSetWriter:
         if self._tar is None:
             name = f"shard-{len(self.shards):05d}.tar"
             self.shards.append({"name": name})
-            self._tar = wds.TarWriter(str(self.partial_dir / name), mtime=0.0, user="svam", group="svam")
+            self._tar = wds.TarWriter(
+                str(self.partial_dir / name), mtime=0.0, user="svam", group="svam"
+            )
         self._tar.write(sample)
         self._keys.append(key)
 
@@ -126,7 +131,11 @@ class ShardSet:
         manifest_path = root / MANIFEST_NAME
         if not root.is_dir():
             partial = root.with_name(root.name + PARTIAL_SUFFIX)
-            hint = " (an interrupted run left it incomplete; re-run that stage)" if partial.exists() else ""
+            hint = (
+                " (an interrupted run left it incomplete; re-run that stage)"
+                if partial.exists()
+                else ""
+            )
             raise SchemaError(f"shard set not found: {root}{hint}")
         if not manifest_path.is_file():
             raise SchemaError(f"{manifest_path}: missing, so {root} is not a complete shard set")

@@ -1,0 +1,226 @@
+"""Foresight from the teacher: one-step features, and multi-step (optionally partial) sampling.
+
+Both follow diffusers' `StableVideoDiffusionPipeline`: noise-augmented conditioning latent of the
+current frame, initial noise scaled by the scheduler's `init_noise_sigma`, Euler steps of its EDM
+(v-prediction, continuous-time) scheduler. The instruction replaces SVD's image embedding, so
+classifier-free guidance is on the instruction, with the empty prompt as the unconditional input.
+Randomness is drawn from the caller's generator in a fixed order (conditioning noise, then the
+initial latents), so `features` equals the features `__call__` captures at its first step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from teachers.modeling_teacher import VideoTeacher, merge_up_block_features, unet_forward
+
+
+@dataclass
+class TeacherPipelineOutput(BaseOutput):
+    """What one sampling call returns.
+
+    latents: (B, T, c, h, w) scaled latents at noise level `sigma` (0 after a full run).
+    denoised: (B, T, c, h, w) the model's clean-latent estimate at the last step run.
+    frames: (B, T, 3, H, W) uint8, `denoised` decoded; None unless decoding was asked for.
+    features: (B, T, C, h', w') one-step features captured at the first step; None if not asked.
+    sigma: noise level of `latents`.
+    steps: denoising steps run (UNet evaluations, each on a doubled batch under guidance).
+    """
+
+    latents: torch.Tensor
+    denoised: torch.Tensor
+    frames: torch.Tensor | None
+    features: torch.Tensor | None
+    sigma: float
+    steps: int
+
+
+class TeacherPipeline:
+    def __init__(self, teacher: VideoTeacher):
+        self.teacher = teacher
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> TeacherPipeline:
+        """`VideoTeacher.from_pretrained(path, **kwargs)` wrapped in a pipeline."""
+        return cls(VideoTeacher.from_pretrained(path, **kwargs))
+
+    # ------------------------------------------------------------------------------- schedule
+
+    def scheduler(
+        self, num_inference_steps: int | None = None, sigma: float | None = None
+    ) -> EulerDiscreteScheduler:
+        """A fresh scheduler set to `num_inference_steps` (default from the config), or to the
+        single noise level `sigma` (one step from sigma to 0)."""
+        scheduler = EulerDiscreteScheduler.from_config(self.teacher.scheduler.config)
+        if sigma is not None:
+            scheduler.set_timesteps(sigmas=[float(sigma), 0.0], device=self.teacher.device)
+        else:
+            steps = num_inference_steps or self.teacher.config.num_inference_steps
+            scheduler.set_timesteps(steps, device=self.teacher.device)
+        return scheduler
+
+    def noise_levels(self, num_inference_steps: int | None = None) -> list[float]:
+        """The sigmas of the sampling schedule, noisiest first, ending with 0."""
+        return self.scheduler(num_inference_steps).sigmas.tolist()
+
+    # ---------------------------------------------------------------------------------- shared
+
+    def _prepare(
+        self,
+        image: torch.Tensor,
+        instruction: str | Sequence[str],
+        generator: torch.Generator | None,
+        scheduler: EulerDiscreteScheduler,
+        guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(initial latents, conditioning latents, text context, added time ids)."""
+        teacher = self.teacher
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be uint8 (B, 3, H, W), got shape {tuple(image.shape)}")
+        batch = image.shape[0]
+        instructions = [instruction] * batch if isinstance(instruction, str) else list(instruction)
+        if len(instructions) != batch:
+            raise ValueError(f"{len(instructions)} instructions for {batch} images")
+
+        frames = teacher.config.num_frames
+        condition = teacher.condition_latents(image, generator)
+        condition = condition[:, None].expand(-1, frames, -1, -1, -1)
+        context = teacher.encode_text(instructions)
+        if guidance:
+            context = torch.cat([teacher.encode_text([""] * batch), context])
+        time_ids = teacher.added_time_ids(context.shape[0])
+        shape = (batch, frames, *condition.shape[2:])
+        noise = randn_tensor(shape, generator=generator, device=teacher.device, dtype=teacher.dtype)
+        return noise * scheduler.init_noise_sigma, condition, context, time_ids
+
+    @staticmethod
+    def _model_input(latents, condition, timestep, scheduler, guidance: bool) -> torch.Tensor:
+        sample = torch.cat([scheduler.scale_model_input(latents, timestep), condition], dim=2)
+        return torch.cat([sample, sample]) if guidance else sample
+
+    # ---------------------------------------------------------------------------- public API
+
+    @torch.no_grad()
+    def features(
+        self,
+        image: torch.Tensor,
+        instruction: str | Sequence[str],
+        *,
+        generator: torch.Generator | None = None,
+        sigma: float | None = None,
+        num_inference_steps: int | None = None,
+        up_blocks: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """One-step features (B, T, C, h, w) of the current frame(s) `image` (B, 3, H, W) uint8.
+
+        One partial UNet pass at noise level `sigma` (default `config.feature_sigma`, else the
+        first, noisiest sigma of the `num_inference_steps` schedule) that stops after the last of
+        `up_blocks` (default `config.feature_up_blocks`); their outputs are resized to the finest
+        of their grids (`config.feature_upsample`) and concatenated on channels.
+        """
+        config = self.teacher.config
+        sigma = config.feature_sigma if sigma is None else sigma
+        scheduler = self.scheduler(num_inference_steps, sigma)
+        latents, condition, context, time_ids = self._prepare(
+            image, instruction, generator, scheduler, guidance=False
+        )
+        timestep = scheduler.timesteps[0]
+        sample = self._model_input(latents, condition, timestep, scheduler, guidance=False)
+        _, captured = unet_forward(
+            self.teacher.unet,
+            sample,
+            timestep,
+            context,
+            time_ids,
+            capture=list(up_blocks or config.feature_up_blocks),
+            stop_after_capture=True,
+        )
+        return merge_up_block_features(captured, config.feature_upsample)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: torch.Tensor,
+        instruction: str | Sequence[str],
+        *,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        stop_step: int | None = None,
+        stop_sigma: float | None = None,
+        guidance_scale: float | None = None,
+        return_features: bool = True,
+        up_blocks: Sequence[int] | None = None,
+        decode: bool = True,
+        progress: bool = False,
+    ) -> TeacherPipelineOutput:
+        """Generate the clip that follows `image` (B, 3, H, W) uint8 under `instruction`.
+
+        Runs `num_inference_steps` Euler steps (default from the config), or stops early (partial
+        denoising): after `stop_step` steps, or at the first step whose noise level is at most
+        `stop_sigma`. Under guidance (`guidance_scale` > 1, default from the config) each step
+        evaluates the UNet on the conditional and the empty-instruction batch. The one-step
+        features of the first step come with the samples, from the same pass.
+        """
+        teacher = self.teacher
+        config = teacher.config
+        guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        guidance = guidance_scale > 1.0
+        scheduler = self.scheduler(num_inference_steps)
+        steps = self._steps_to_run(scheduler, stop_step, stop_sigma)
+        latents, condition, context, time_ids = self._prepare(
+            image, instruction, generator, scheduler, guidance
+        )
+        blocks = list(up_blocks or config.feature_up_blocks) if return_features else []
+        batch = latents.shape[0]
+        features = denoised = None
+        timesteps = scheduler.timesteps[:steps]
+        for index, timestep in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
+            sample = self._model_input(latents, condition, timestep, scheduler, guidance)
+            capture = blocks if index == 0 else []
+            output, captured = unet_forward(
+                teacher.unet, sample, timestep, context, time_ids, capture=capture
+            )
+            if captured:
+                # Under guidance the conditional half is the second one.
+                own = {k: v[-batch:] for k, v in captured.items()}
+                features = merge_up_block_features(own, config.feature_upsample)
+            if guidance:
+                unconditional, conditional = output.chunk(2)
+                output = unconditional + guidance_scale * (conditional - unconditional)
+            step = scheduler.step(output, timestep, latents)
+            latents, denoised = step.prev_sample, step.pred_original_sample.to(latents.dtype)
+        frames = teacher.decode_latents(denoised) if decode else None
+        return TeacherPipelineOutput(
+            latents=latents,
+            denoised=denoised,
+            frames=frames,
+            features=features,
+            sigma=float(scheduler.sigmas[steps]),
+            steps=steps,
+        )
+
+    @staticmethod
+    def _steps_to_run(
+        scheduler: EulerDiscreteScheduler, stop_step: int | None, stop_sigma: float | None
+    ) -> int:
+        total = len(scheduler.timesteps)
+        if stop_step is not None and stop_sigma is not None:
+            raise ValueError("give stop_step or stop_sigma, not both")
+        if stop_step is not None:
+            if not 1 <= stop_step <= total:
+                raise ValueError(f"stop_step={stop_step}: must be in [1, {total}]")
+            return stop_step
+        if stop_sigma is not None:
+            sigmas = scheduler.sigmas.tolist()
+            return next(k for k in range(1, total + 1) if sigmas[k] <= stop_sigma)
+        return total
