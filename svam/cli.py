@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import Callable
@@ -28,10 +29,19 @@ class Stage:
     """'module:function' taking (config, out_dir) or (config); None until the stage has landed."""
     planned: str = ""
     """For a stage that has not landed yet: what will bring it."""
+    done: str | None = None
+    """'module:function' telling whether the run already holds this stage's output for the config."""
 
     def load(self) -> Callable:
-        module, function = self.entry.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _import(self.entry)
+
+    def is_done(self, config: Config) -> bool:
+        return self.done is not None and _import(self.done)(config)
+
+
+def _import(entry: str) -> Callable:
+    module, function = entry.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 STAGES = [
@@ -44,6 +54,7 @@ STAGES = [
         collect.keep_failed) and writes them as webdataset shards with a manifest.json.
         Reads: nothing. Writes: runs/<name>/episodes/ (or --out).""",
         "svam.collect:collect",
+        done="svam.collect:is_collected",
     ),
     Stage(
         "train-teacher",
@@ -131,13 +142,16 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """Every landed stage in order on one run directory; stops at the first stage still to come."""
+    """Every landed stage in order on one run directory, skipping stages whose output is complete."""
     config = _config_from(args)
     for stage in STAGES:
         if stage.entry is None:
             print(f"demo: done up to here; next comes `svam {stage.verb}` with {stage.planned}.")
             return 0
-        print(f"demo: stage {stage.verb}")
+        if stage.is_done(config):
+            print(f"demo: {stage.verb}: already done for this config, skipped")
+            continue
+        print(f"demo: {stage.verb}")
         stage.load()(config)
     return 0
 
@@ -232,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `svam shards inspect PATH | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -21,6 +21,18 @@ def episode_key(task: str, seed: int) -> str:
     return f"{task}-{seed:06d}"
 
 
+def is_collected(config: Config) -> bool:
+    """Whether the run directory already holds a complete collection made with this config."""
+    from svam.data.schema import SchemaError
+    from svam.data.shards import ShardSet
+
+    try:
+        shard_set = ShardSet.open(RunDir.from_config(config).episodes, kind=EPISODES.kind)
+    except SchemaError:
+        return False
+    return shard_set.manifest.get("config_hash") == config_hash(config.collect)
+
+
 def _rollout(job: tuple[str, int, CollectConfig]):
     from svam.envs.metaworld import rollout_expert
 

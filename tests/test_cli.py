@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from conftest import tiny_collect_overrides
+
 from svam.cli import STAGES, build_parser, main
 
 VERBS = [stage.verb for stage in STAGES] + ["demo", "shards"]
@@ -66,3 +68,17 @@ def test_shards_verify_fails_on_corruption(synthetic_episodes, capsys):
 def test_run_flag_sets_the_run_name():
     args = build_parser().parse_args(["collect", "--run", "exp1", "collect.workers=1"])
     assert args.run == "exp1" and args.overrides == ["collect.workers=1"]
+
+
+def test_demo_runs_what_has_landed_and_resumes(tmp_path, capsys):
+    args = ["demo", *tiny_collect_overrides(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "demo: collect" in out and "next comes" in out
+    episodes = tmp_path / "test" / "episodes" / "shard-00000.tar"
+    before = episodes.stat().st_mtime_ns
+    assert main(args) == 0
+    assert "collect: already done for this config, skipped" in capsys.readouterr().out
+    assert episodes.stat().st_mtime_ns == before
+    assert main([*args, "collect.seed_start=10"]) == 0  # a changed config is redone
+    assert "demo: collect\n" in capsys.readouterr().out
