@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tiny_collect_overrides
 
 from svam.cli import STAGES, build_parser, main
