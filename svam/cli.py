@@ -26,11 +26,13 @@ class Stage:
     summary: str
     description: str
     entry: str | None
-    """'module:function' taking (config, out_dir) or (config); None until the stage has landed."""
+    """'module:function' taking (config, **options); None until the stage has landed."""
     planned: str = ""
     """For a stage that has not landed yet: what will bring it."""
     done: str | None = None
     """'module:function' telling whether the run already holds this stage's output for the config."""
+    options: tuple[str, ...] = ()
+    """Stage options the verb takes as flags: 'out_dir' (--out) and 'dry_run' (--dry-run)."""
 
     def load(self) -> Callable:
         return _import(self.entry)
@@ -55,6 +57,7 @@ STAGES = [
         Reads: nothing. Writes: runs/<name>/episodes/ (or --out).""",
         "svam.collect:collect",
         done="svam.collect:is_collected",
+        options=("out_dir",),
     ),
     Stage(
         "train-teacher",
@@ -68,12 +71,16 @@ STAGES = [
     Stage(
         "cache-teachers",
         "cache the teacher's multi-step foresight as DINOv2 / Depth Anything 3 targets",
-        """Renders multi-step videos from the teacher for every clip, encodes them with DINOv2
-        (semantic) and Depth Anything 3 (geometric), and writes the targets, reference tokens and
-        what training needs into resumable teacher-cache shards.
-        Reads: episodes/, teacher/. Writes: runs/<name>/cache/.""",
-        None,
-        "the cache-teachers issue (#4)",
+        """Generates every clip's future with the teacher's multi-step sampling (cache.* keys),
+        encodes it with DINOv2 (semantic) and Depth Anything 3 (geometric) as distillation
+        targets, encodes the real current frame as reference tokens, and writes them with the
+        clip's frames, actions and state into teacher-cache shards with a manifest.json.
+        Resumable (a re-run redoes only unfinished shards); runs unchanged on many processes
+        and nodes under `torchrun` or `accelerate launch`, each rank writing its own shards.
+        Reads: episodes/, teacher/. Writes: runs/<name>/cache/ (or --out).""",
+        "teachers.cache:cache_teachers",
+        done="teachers.cache:is_cached",
+        options=("out_dir", "dry_run"),
     ),
     Stage(
         "distill",
@@ -134,10 +141,8 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
         )
         return 2
     config = _config_from(args)
-    if getattr(args, "out", None):
-        stage.load()(config, args.out)
-    else:
-        stage.load()(config)
+    options = {name: getattr(args, name) for name in stage.options if getattr(args, name)}
+    stage.load()(config, **options)
     return 0
 
 
@@ -209,9 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_config_arguments(sub)
-        if stage.verb == "collect":
+        if "out_dir" in stage.options:
             sub.add_argument(
-                "--out", help="write the episode shards here instead of runs/<name>/episodes"
+                "--out", dest="out_dir", help="write the output here instead of the run directory"
+            )
+        if "dry_run" in stage.options:
+            sub.add_argument(
+                "--dry-run", action="store_true", help="print the plan and an estimate, write nothing"
             )
         sub.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
     demo = verbs.add_parser(

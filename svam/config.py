@@ -19,6 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from teachers.configuration_cache import CacheConfig
 from teachers.configuration_encoders import EncodersConfig
 from teachers.configuration_teacher import TeacherConfig, TeacherTrainConfig
 
@@ -83,6 +84,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train_teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

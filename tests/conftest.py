@@ -39,13 +39,13 @@ def synthetic_episode(task: str, seed: int, length: int, size: int = 8):
 
 
 def write_synthetic_episodes(
-    out_dir, tasks=("reach-v3", "push-v3"), seeds=range(4), length=20, per_shard=3
+    out_dir, tasks=("reach-v3", "push-v3"), seeds=range(4), length=20, per_shard=3, size=8
 ):
     episodes = {}
     with ShardSetWriter(out_dir, EPISODES, per_shard) as writer:
         for task in tasks:
             for seed in seeds:
-                arrays, meta = synthetic_episode(task, seed, length)
+                arrays, meta = synthetic_episode(task, seed, length, size)
                 key = episode_key(task, seed)
                 writer.write(key, arrays, meta)
                 episodes[key] = {"task": task, "seed": seed, "length": length, "success": True}

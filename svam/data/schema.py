@@ -25,6 +25,8 @@ class ArraySpec:
     dims: tuple[str | int, ...]
     """Named dimensions must agree across the arrays of one sample; ints are fixed sizes."""
     doc: str = ""
+    optional: bool = False
+    """May be left out of every sample of a shard set (the manifest says which are present)."""
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,19 @@ class ShardSchema:
             "kind": self.kind,
             "version": self.version,
             "arrays": {
-                name: {"dtype": spec.dtype, "dims": list(spec.dims), "doc": spec.doc}
+                name: {
+                    "dtype": spec.dtype,
+                    "dims": list(spec.dims),
+                    "doc": spec.doc,
+                    "optional": spec.optional,
+                }
                 for name, spec in self.arrays.items()
             },
             "meta": list(self.meta_keys),
         }
 
     def _check(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        missing = set(self.arrays) - set(arrays)
+        missing = {name for name, spec in self.arrays.items() if not spec.optional} - set(arrays)
         extra = set(arrays) - set(self.arrays)
         if missing or extra:
             raise SchemaError(
@@ -57,8 +64,8 @@ class ShardSchema:
         if missing_meta:
             raise SchemaError(f"sample '{key}': metadata keys {sorted(missing_meta)} missing")
         sizes: dict[str, int] = {}
-        for name, spec in self.arrays.items():
-            array = arrays[name]
+        for name, array in arrays.items():
+            spec = self.arrays[name]
             if array.dtype != np.dtype(spec.dtype):
                 raise SchemaError(
                     f"sample '{key}': array '{name}' has dtype {array.dtype}, schema says {spec.dtype}"
@@ -90,11 +97,12 @@ class ShardSchema:
         key = sample["__key__"]
         source = sample.get("__url__", "?")
         arrays = {}
-        for name in self.arrays:
+        for name, spec in self.arrays.items():
             member = f"{name}.npy"
-            if member not in sample:
+            if member in sample:
+                arrays[name] = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+            elif not spec.optional:
                 raise SchemaError(f"{source}: sample '{key}' has no member '{member}'")
-            arrays[name] = np.load(io.BytesIO(sample[member]), allow_pickle=False)
         if "meta.json" not in sample:
             raise SchemaError(f"{source}: sample '{key}' has no member 'meta.json'")
         meta = json.loads(sample["meta.json"])
@@ -116,7 +124,34 @@ EPISODES = ShardSchema(
     meta_keys=("task", "instruction", "seed", "success", "first_success_step", "camera"),
 )
 
-SCHEMAS = {schema.kind: schema for schema in (EPISODES,)}
+TEACHER_CACHE = ShardSchema(
+    kind="teacher-cache",
+    version=1,
+    arrays={
+        "semantic": ArraySpec(
+            "float16", ("T", "Ps", "Ds"), "DINOv2 patch tokens of the teacher's generated frames (target)"
+        ),
+        "geometric": ArraySpec(
+            "float16", ("T", "Pg", "Dg"), "Depth Anything 3 tokens of the generated frames (target)"
+        ),
+        "semantic_ref": ArraySpec("float16", ("Ps", "Ds"), "DINOv2 tokens of the real current frame"),
+        "geometric_ref": ArraySpec(
+            "float16", ("Pg", "Dg"), "Depth Anything 3 tokens of the real current frame"
+        ),
+        "onestep": ArraySpec(
+            "float16", ("T", "C", "h", "w"), "the teacher's one-step features", optional=True
+        ),
+        "generated": ArraySpec(
+            "uint8", ("T", "Hg", "Wg", 3), "the teacher's generated frames", optional=True
+        ),
+        "frames": ArraySpec("uint8", ("T", "H", "W", 3), "the real clip; frame 0 is the current one"),
+        "actions": ArraySpec("float32", ("K", "A"), "expert actions from the current frame on"),
+        "state": ArraySpec("float32", ("T", "S"), "proprioception at the clip's frames"),
+    },
+    meta_keys=("task", "instruction", "episode", "start", "split"),
+)
+
+SCHEMAS = {schema.kind: schema for schema in (EPISODES, TEACHER_CACHE)}
 
 
 def schema_for(kind: str, version: int, source: str) -> ShardSchema:

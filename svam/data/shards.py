@@ -38,6 +38,22 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
+def tar_writer(path: Path) -> wds.TarWriter:
+    """A webdataset tar writer with a fixed mtime and owner: the same samples give the same bytes."""
+    return wds.TarWriter(str(path), mtime=0.0, user="svam", group="svam")
+
+
+def shard_record(path: Path, keys: list[str]) -> dict[str, Any]:
+    """What a manifest lists for one finished shard."""
+    return {
+        "name": path.name,
+        "samples": len(keys),
+        "keys": keys,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
 class ShardSetWriter:
     """Write samples into numbered tar shards; `close` writes the manifest and publishes the set.
 

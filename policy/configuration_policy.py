@@ -1,0 +1,332 @@
+"""Configuration of the policy models: the Uni-Perceiver aggregator, the diffusion action head and
+the action/state normalisation.
+
+`PolicyModelsConfig` is the config section; `AggregatorConfig` and `ActionHeadConfig` describe one
+model completely (each is what that model saves as its `config.json`). Defaults are the tiny
+setting, sized for configs/tiny.yaml: the tiny teacher's one-step features (128 channels on a
+16x16 grid, 8 frames), ViT-S/14 DINOv2 (384-d) and da3-small (768-d with its camera token) tokens on
+4x4 grids at 56 px, the tiny CLIP text encoder (64-d, 20 tokens), Meta-World's 4-d actions and 4-d
+state, chunks of 8. `published_policy_models()` is S-VAM's full-scale setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+STREAMS = ("onestep", "semantic", "geometric")
+"""Conditioning streams the aggregator can read, named as in the teacher cache: the teacher's
+one-step features and the foreseen semantic (DINOv2) and geometric (Depth Anything 3) tokens."""
+
+NORMALIZATION_MODES = ("min_max", "mean_std")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def foresight_streams(mode: str) -> tuple[str, ...]:
+    """The aggregator's input streams for a foresight mode: `onestep` (VPP) reads the one-step
+    features only; `shortcut` (S-VAM: decoupler foresight) and `multistep:K` (K teacher steps, real
+    encoders) read them together with semantic and geometric tokens."""
+    if mode == "onestep":
+        return ("onestep",)
+    if mode == "shortcut":
+        return STREAMS
+    kind, _, steps = mode.partition(":")
+    if kind == "multistep" and steps.isdigit() and int(steps) >= 1:
+        return STREAMS
+    raise ValueError(
+        f"foresight mode '{mode}' is not one of onestep, shortcut, multistep:K (K >= 1)"
+    )
+
+
+@dataclass
+class StreamConfig:
+    """One conditioning stream: (B, T, tokens, dim) per clip, tokens a square grid per frame."""
+
+    name: str = "onestep"
+    dim: int = 128
+    tokens: int = 256
+    """Tokens per frame the stream is built for (a square grid). Other square grids are accepted:
+    the learned position embeddings are resized to them."""
+    max_grid: int | None = 8
+    """Average-pool the stream's grid to at most max_grid x max_grid tokens per frame before the
+    blocks (None: keep it). The cost knob: every block's cross-attention reads these tokens."""
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.tokens)
+
+    @property
+    def attended_grid(self) -> int:
+        """Side of the grid the blocks attend to (and the position embeddings are learned on)."""
+        return self.grid if self.max_grid is None else min(self.grid, self.max_grid)
+
+    def validate(self, where: str) -> None:
+        if self.name not in STREAMS:
+            raise ValueError(
+                f"{where}: stream name '{self.name}' is not one of {', '.join(STREAMS)}"
+            )
+        where = f"{where} stream '{self.name}'"
+        if self.dim < 1 or self.tokens < 1:
+            raise ValueError(f"{where}: dim and tokens must be at least 1")
+        if self.grid**2 != self.tokens:
+            raise ValueError(f"{where}: tokens={self.tokens} is not a square grid")
+        if self.max_grid is not None:
+            if self.max_grid < 1:
+                raise ValueError(f"{where}: max_grid={self.max_grid} must be at least 1")
+            if self.grid > self.max_grid and self.grid % self.max_grid:
+                raise ValueError(
+                    f"{where}: max_grid={self.max_grid} does not divide the {self.grid}x{self.grid} "
+                    "grid (area pooling would be uneven)"
+                )
+
+
+def _tiny_streams() -> list[StreamConfig]:
+    return [
+        StreamConfig("onestep", dim=128, tokens=256, max_grid=8),
+        StreamConfig("semantic", dim=384, tokens=16, max_grid=None),
+        StreamConfig("geometric", dim=768, tokens=16, max_grid=None),
+    ]
+
+
+@dataclass
+class AggregatorConfig:
+    """The Uni-Perceiver: latent queries per frame read the frame's tokens of every stream."""
+
+    streams: list[StreamConfig] = field(default_factory=_tiny_streams)
+    """The streams forward() takes, in order; `for_mode()` keeps those of a foresight mode."""
+    num_frames: int = 8
+    """Frames T per clip; each frame has its own learned queries, so T is fixed."""
+    queries_per_frame: int = 4
+    dim: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        """Output tokens: num_frames * queries_per_frame."""
+        return self.num_frames * self.queries_per_frame
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        return tuple(stream.name for stream in self.streams)
+
+    def for_mode(self, mode: str) -> AggregatorConfig:
+        """A copy reading the streams of a foresight mode (all must be configured here)."""
+        wanted = foresight_streams(mode)
+        missing = [name for name in wanted if name not in self.stream_names]
+        if missing:
+            raise ValueError(
+                f"aggregator: foresight mode '{mode}' reads stream '{missing[0]}', which "
+                "aggregator.streams does not configure"
+            )
+        streams = [dataclasses.replace(s) for s in self.streams if s.name in wanted]
+        return dataclasses.replace(self, streams=streams)
+
+    def validate(self) -> None:
+        where = "aggregator"
+        if not self.streams:
+            raise ValueError(f"{where}: streams is empty")
+        for stream in self.streams:
+            stream.validate(where)
+        names = self.stream_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: stream names repeat ({', '.join(names)})")
+        for key in ("num_frames", "queries_per_frame", "dim", "depth", "num_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}: {key}={getattr(self, key)} must be at least 1")
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"{where}: dim={self.dim} is not a multiple of num_heads={self.num_heads}"
+            )
+        if self.mlp_ratio <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"{where}: need mlp_ratio > 0 and 0 <= dropout < 1")
+
+
+@dataclass
+class ActionHeadConfig:
+    """The diffusion action head: a transformer denoiser over an action chunk (B, horizon,
+    action_dim), conditioned on aggregator tokens, the instruction and (optionally) the state."""
+
+    action_dim: int = 4
+    horizon: int = 8
+    """Actions per chunk K."""
+
+    # Conditioning. Token counts are what the head is built for (cost estimates, consistency
+    # checks); cross-attention accepts any count.
+    cond_dim: int = 64
+    """Width of the aggregator tokens (aggregator.dim)."""
+    cond_tokens: int = 32
+    """Aggregator tokens (aggregator.num_tokens)."""
+    text_dim: int = 64
+    text_tokens: int = 20
+    state_dim: int = 4
+    """Proprioception (normalised, current frame) as one more context token; 0: none."""
+
+    # Denoiser.
+    dim: int = 64
+    depth: int = 2
+    """Denoiser blocks: self-attention over the chunk, cross-attention to the context, MLP."""
+    context_layers: int = 1
+    """Self-attention layers over the context tokens, run once per sample, not per step."""
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    # Noise schedule: DDPM for training, DDIM for sampling, both built from these keys.
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "sample"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    timestep_spacing: str = "trailing"
+    """`trailing` starts DDIM at the last training step (pure noise): Lin et al. 2024, "Common
+    diffusion noise schedules and sample steps are flawed"). With 100 training steps and 10 DDIM
+    steps, `leading` would start at t=90, where sqrt(alpha_bar) is 0.14 rather than 0.0005."""
+    num_inference_steps: int = 10
+
+    def scheduler_kwargs(self) -> dict:
+        """Keys shared by the DDPM (training) and DDIM (sampling) schedulers."""
+        return dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            prediction_type=self.prediction_type,
+            clip_sample=self.clip_sample,
+            clip_sample_range=self.clip_sample_range,
+            timestep_spacing=self.timestep_spacing,
+        )
+
+    def validate(self) -> None:
+        where = "action_head"
+        positive = (
+            "action_dim",
+            "horizon",
+            "cond_dim",
+            "cond_tokens",
+            "text_dim",
+            "text_tokens",
+            "dim",
+            "depth",
+            "num_heads",
+            "num_train_timesteps",
+            "num_inference_steps",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}: {key}={getattr(self, key)} must be at least 1")
+        for key in ("state_dim", "context_layers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{where}: {key}={getattr(self, key)} must be at least 0")
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"{where}: dim={self.dim} is not a multiple of num_heads={self.num_heads}"
+            )
+        if self.dim % 2:
+            raise ValueError(f"{where}: dim={self.dim} must be even (sinusoidal time embedding)")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"{where}: prediction_type '{self.prediction_type}' is not one of "
+                f"{', '.join(PREDICTION_TYPES)}"
+            )
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise ValueError(
+                f"{where}: num_inference_steps={self.num_inference_steps} exceeds "
+                f"num_train_timesteps={self.num_train_timesteps}"
+            )
+        if self.clip_sample_range <= 0:
+            raise ValueError(f"{where}: clip_sample_range must be positive")
+        if self.mlp_ratio <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"{where}: need mlp_ratio > 0 and 0 <= dropout < 1")
+
+
+@dataclass
+class NormalizationConfig:
+    """How actions and state are normalised, with statistics of the training data."""
+
+    actions: str = "min_max"
+    """min_max maps each dimension's [min, max] to [-1, 1] (what clip_sample assumes); mean_std
+    standardises."""
+    state: str = "min_max"
+    eps: float = 1e-4
+    """Dimensions whose range (min_max) or std (mean_std) is below eps are only centred."""
+
+    def validate(self) -> None:
+        for key in ("actions", "state"):
+            if getattr(self, key) not in NORMALIZATION_MODES:
+                raise ValueError(
+                    f"normalization.{key}='{getattr(self, key)}' is not one of "
+                    f"{', '.join(NORMALIZATION_MODES)}"
+                )
+        if self.eps <= 0:
+            raise ValueError(f"normalization.eps={self.eps} must be positive")
+
+
+@dataclass
+class PolicyModelsConfig:
+    """The config section: aggregator, action head and normalisation of one policy."""
+
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    action_head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+
+    def validate(self) -> None:
+        self.aggregator.validate()
+        self.action_head.validate()
+        self.normalization.validate()
+        head, aggregator = self.action_head, self.aggregator
+        for key, value in (("cond_dim", aggregator.dim), ("cond_tokens", aggregator.num_tokens)):
+            if getattr(head, key) != value:
+                raise ValueError(
+                    f"action_head.{key}={getattr(head, key)} but the aggregator gives {value} "
+                    f"({'dim' if key == 'cond_dim' else 'num_frames * queries_per_frame'})"
+                )
+        if (
+            self.normalization.actions == "mean_std"
+            and head.clip_sample
+            and (head.clip_sample_range < 3)
+        ):
+            raise ValueError(
+                f"action_head.clip_sample_range={head.clip_sample_range} clips standardised "
+                "actions (normalization.actions='mean_std'): use min_max, clip_sample=false or a "
+                "range of at least 3"
+            )
+
+
+def published_policy_models() -> PolicyModelsConfig:
+    """S-VAM's published setting (its CALVIN config): SVD up-blocks 0+1 features (2560 channels),
+    DINOv2 ViT-B/14 (768-d) and DA3-large with camera token (2048-d), all on 16x16 grids over 16
+    frames, unpooled; 224 queries (14 per frame), dim 384, depth 6, 8 heads (S-VAM's heads are 64
+    wide, 512 in all; here 8 heads split the 384). The head: dim 384, 4 context ("encoder") and 4
+    denoiser layers, 8 heads, dropout 0.1 (S-VAM: 0.3 on attention, 0.1 residual), the pooled CLIP
+    ViT-B/32 instruction (512-d, one token), 7-d CALVIN actions in chunks of 10, 10 DDIM steps.
+    S-VAM freezes its proprioception embedding at init, so no state here. Sizes: 16.7M (aggregator)
+    and 21.4M (head) parameters."""
+    streams = [
+        StreamConfig("onestep", dim=2560, tokens=256, max_grid=None),
+        StreamConfig("semantic", dim=768, tokens=256, max_grid=None),
+        StreamConfig("geometric", dim=2048, tokens=256, max_grid=None),
+    ]
+    aggregator = AggregatorConfig(
+        streams=streams, num_frames=16, queries_per_frame=14, dim=384, depth=6, num_heads=8
+    )
+    head = ActionHeadConfig(
+        action_dim=7,
+        horizon=10,
+        cond_dim=384,
+        cond_tokens=224,
+        text_dim=512,
+        text_tokens=1,
+        state_dim=0,
+        dim=384,
+        depth=4,
+        context_layers=4,
+        num_heads=8,
+        dropout=0.1,
+    )
+    return PolicyModelsConfig(aggregator=aggregator, action_head=head)
