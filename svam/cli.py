@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if "dry_run" in stage.options:
             sub.add_argument(
-                "--dry-run", action="store_true", help="print the plan and an estimate, write nothing"
+                "--dry-run",
+                action="store_true",
+                help="print the plan and an estimate, write nothing",
             )
         sub.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
     demo = verbs.add_parser(

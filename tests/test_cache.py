@@ -16,7 +16,7 @@ from conftest import write_synthetic_episodes
 
 from svam.cli import main
 from svam.config import load_config
-from svam.data.schema import TEACHER_CACHE
+from svam.data.schema import TEACHER_CACHE, SchemaError
 from svam.data.shards import MANIFEST_NAME, ShardSet
 from teachers.cache import cache_teachers, is_cached
 from teachers.encoders import SemanticEncoder
@@ -60,7 +60,13 @@ def inputs(tmp_path_factory):
 
 
 def overrides_for(inputs, out: Path, *extra: str) -> list[str]:
-    return [*inputs, f"run.root={out.parent}", f"run.name={out.name}-run", f"cache.output_dir={out}", *extra]
+    return [
+        *inputs,
+        f"run.root={out.parent}",
+        f"run.name={out.name}-run",
+        f"cache.output_dir={out}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +86,8 @@ def test_cache_contents(reference):
     manifest = shard_set.manifest
     assert manifest["counts"] == {"train": 12, "val": 6} and manifest["skipped_nonfinite"] == []
     assert [s["name"] for s in manifest["shards"]] == [f"train-0000{i}.tar" for i in range(6)] + [
-        f"val-0000{i}.tar" for i in range(3)]
+        f"val-0000{i}.tar" for i in range(3)
+    ]
     assert manifest["num_inference_steps"] == 3 and manifest["teacher_fingerprint"]
     assert manifest["dims"]["semantic"] == [4, 384] and manifest["dims"]["geometric"] == [4, 768]
     keys = set()
@@ -88,14 +95,19 @@ def test_cache_contents(reference):
         keys.add(key)
         assert arrays["semantic"].shape == (4, 4, 384) and arrays["semantic"].dtype == np.float16
         assert arrays["geometric"].shape == (4, 4, 768) and arrays["geometric"].dtype == np.float16
-        assert arrays["semantic_ref"].shape == (4, 384) and arrays["geometric_ref"].shape == (4, 768)
+        assert arrays["semantic_ref"].shape == (4, 384) and arrays["geometric_ref"].shape == (
+            4,
+            768,
+        )
         assert arrays["onestep"].shape[:2] == (4, 64) and arrays["onestep"].dtype == np.float16
         assert arrays["generated"].shape == (4, 32, 32, 3) and arrays["generated"].dtype == np.uint8
         assert arrays["frames"].shape == (4, 16, 16, 3) and arrays["actions"].shape == (4, 4)
         assert key == f"{meta['episode']}-{meta['start']:04d}"
         # the real clip is the episode's frames start, start+2, ... (synthetic value = step + seed)
         seed = int(meta["episode"].rsplit("-", 1)[1])
-        assert arrays["frames"][:, 0, 0, 0].tolist() == [meta["start"] + 2 * i + seed for i in range(4)]
+        assert arrays["frames"][:, 0, 0, 0].tolist() == [
+            meta["start"] + 2 * i + seed for i in range(4)
+        ]
     assert len(keys) == 18
     assert not list(reference.glob("*.tmp"))
 
@@ -118,7 +130,9 @@ def _cli(*args: str) -> list[str]:
 
 def test_killed_run_resumes_to_identical_bytes(inputs, reference, tmp_path):
     out = tmp_path / "cache"
-    process = subprocess.Popen(_cli(*overrides_for(inputs, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _cli(*overrides_for(inputs, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not list(out.glob("*.tar.json")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -127,7 +141,7 @@ def test_killed_run_resumes_to_identical_bytes(inputs, reference, tmp_path):
     finished = list(out.glob("*.tar.json"))
     assert 1 <= len(finished) < 9, "the kill should land between the first and the last shard"
     assert not (out / MANIFEST_NAME).exists()
-    with pytest.raises(Exception):
+    with pytest.raises(SchemaError, match="manifest.json: missing"):
         ShardSet.open(out)
     cache_teachers(load_config("tiny", overrides_for(inputs, out)))
     assert shard_bytes(out) == shard_bytes(reference)
@@ -138,17 +152,28 @@ def test_two_ranks_write_disjoint_shards_equal_to_one(inputs, reference, tmp_pat
     out = tmp_path / "cache"
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "--master_port=29533", "-m", "svam.cli",
-         "cache-teachers", *overrides_for(inputs, out)],
-        capture_output=True, text=True, timeout=400,
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "svam.cli",
+            "cache-teachers",
+            *overrides_for(inputs, out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shard_bytes(out) == shard_bytes(reference)
     # rank r wrote shards r, r+2, ...: each rank reports its own share
     assert "cache-teachers: rank 0:" in result.stdout and "cache-teachers: rank 1:" in result.stdout
-    assert json.loads((out / MANIFEST_NAME).read_text())["shards"] == json.loads(
-        (reference / MANIFEST_NAME).read_text())["shards"]
+    assert (
+        json.loads((out / MANIFEST_NAME).read_text())["shards"]
+        == json.loads((reference / MANIFEST_NAME).read_text())["shards"]
+    )
 
 
 def test_nonfinite_samples_are_skipped_and_named(inputs, tmp_path, monkeypatch, capsys):
@@ -211,7 +236,13 @@ def test_wrong_architecture_weights(inputs, tmp_path, capsys):
     weights = tmp_path / "vit_base.pth"
     torch.save(SemanticEncoder("vit_small_patch14_dinov2", 28).vit.state_dict(), weights)
     out = tmp_path / "cache"
-    code = main(["cache-teachers", *overrides_for(inputs, out),
-                 "encoders.semantic_model=vit_base_patch14_dinov2", f"encoders.semantic_weights={weights}"])
+    code = main(
+        [
+            "cache-teachers",
+            *overrides_for(inputs, out),
+            "encoders.semantic_model=vit_base_patch14_dinov2",
+            f"encoders.semantic_weights={weights}",
+        ]
+    )
     assert code != 0 and str(weights) in capsys.readouterr().err
     assert not out.exists()

@@ -129,12 +129,16 @@ TEACHER_CACHE = ShardSchema(
     version=1,
     arrays={
         "semantic": ArraySpec(
-            "float16", ("T", "Ps", "Ds"), "DINOv2 patch tokens of the teacher's generated frames (target)"
+            "float16",
+            ("T", "Ps", "Ds"),
+            "DINOv2 patch tokens of the teacher's generated frames (target)",
         ),
         "geometric": ArraySpec(
             "float16", ("T", "Pg", "Dg"), "Depth Anything 3 tokens of the generated frames (target)"
         ),
-        "semantic_ref": ArraySpec("float16", ("Ps", "Ds"), "DINOv2 tokens of the real current frame"),
+        "semantic_ref": ArraySpec(
+            "float16", ("Ps", "Ds"), "DINOv2 tokens of the real current frame"
+        ),
         "geometric_ref": ArraySpec(
             "float16", ("Pg", "Dg"), "Depth Anything 3 tokens of the real current frame"
         ),
@@ -144,7 +148,9 @@ TEACHER_CACHE = ShardSchema(
         "generated": ArraySpec(
             "uint8", ("T", "Hg", "Wg", 3), "the teacher's generated frames", optional=True
         ),
-        "frames": ArraySpec("uint8", ("T", "H", "W", 3), "the real clip; frame 0 is the current one"),
+        "frames": ArraySpec(
+            "uint8", ("T", "H", "W", 3), "the real clip; frame 0 is the current one"
+        ),
         "actions": ArraySpec("float32", ("K", "A"), "expert actions from the current frame on"),
         "state": ArraySpec("float32", ("T", "S"), "proprioception at the clip's frames"),
     },
