@@ -242,8 +242,9 @@ class TeacherCacheJob:
     # ------------------------------------------------------------------------------- the work
 
     @torch.inference_mode()
-    def encode_batch(self, clips: list[ClipRef], store: EpisodeStore, timing: dict[str, float]):
+    def encode_batch(self, clips: list[ClipRef], store: EpisodeStore):
         """Arrays and metadata for each clip of one batch, or None for a clip with NaN/Inf."""
+        timing = self.timing
         data = self.config.data
         start = time.perf_counter()
         arrays, metas = [], []
@@ -313,13 +314,13 @@ class TeacherCacheJob:
             results.append((clip_arrays, metas[index]) if finite else None)
         return results
 
-    def write_shard(self, job: ShardJob, store: EpisodeStore, timing, progress) -> None:
+    def write_shard(self, job: ShardJob, store: EpisodeStore, progress: tqdm) -> None:
         samples: list[tuple[str, dict, dict]] = []
         skipped: list[str] = []
         batch = self.config.cache.batch_size
         for first in range(0, len(job.clips), batch):
             clips = list(job.clips[first : first + batch])
-            for clip, result in zip(clips, self.encode_batch(clips, store, timing), strict=True):
+            for clip, result in zip(clips, self.encode_batch(clips, store), strict=True):
                 if result is None:
                     skipped.append(clip.key)
                 else:
@@ -336,7 +337,7 @@ class TeacherCacheJob:
         tmp.replace(path)
         record = shard_record(path, [key for key, _, _ in samples])
         write_json_atomic(path.with_name(path.name + ".json"), {**record, "skipped": skipped})
-        timing["write"] += time.perf_counter() - start
+        self.timing["write"] += time.perf_counter() - start
 
     def report_eta(self, progress: tqdm) -> None:
         self.reported_eta = True
@@ -362,7 +363,7 @@ class TeacherCacheJob:
             job for i, job in enumerate(self.jobs) if i % state.num_processes == state.process_index
         ]
         todo = [job for job in mine if dry_run or not self.is_done(job)]
-        timing: dict[str, float] = defaultdict(float)
+        self.timing: dict[str, float] = defaultdict(float)
         self.reported_eta = False
         self.started = time.perf_counter()
         progress = tqdm(
@@ -374,7 +375,7 @@ class TeacherCacheJob:
         if dry_run:
             if todo:
                 first = list(todo[0].clips[: self.config.cache.batch_size])
-                self.encode_batch(first, store, timing)
+                self.encode_batch(first, store)
                 progress.update(len(first))
                 self.report_eta(progress)
             progress.close()
@@ -382,11 +383,13 @@ class TeacherCacheJob:
         for job in todo:
             for stale in self.out_dir.glob(f"{job.name}*.tmp"):
                 stale.unlink()
-            self.write_shard(job, store, timing, progress)
+            self.write_shard(job, store, progress)
         progress.close()
         total = time.perf_counter() - self.started
         if todo:
-            parts = ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in timing.items())
+            parts = ", ".join(
+                f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in self.timing.items()
+            )
             print(f"cache-teachers: rank {state.process_index}: {total:.1f}s: {parts}")
         state.wait_for_everyone()
         if state.is_main_process:
