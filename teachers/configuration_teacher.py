@@ -101,7 +101,9 @@ class TeacherConfig:
         for key in ("block_out_channels", "vae_block_out_channels"):
             bad = [c for c in getattr(self, key) if c % 32]
             if bad:
-                raise ValueError(f"teacher.{key}: {bad} not multiples of 32 (GroupNorm with 32 groups)")
+                raise ValueError(
+                    f"teacher.{key}: {bad} not multiples of 32 (GroupNorm with 32 groups)"
+                )
         if self.image_size % self.vae_scale_factor:
             raise ValueError(
                 f"teacher.image_size={self.image_size} is not a multiple of the VAE's downsampling "

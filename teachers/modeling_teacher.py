@@ -14,6 +14,7 @@ stages record to know which teacher they read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -63,6 +64,10 @@ SVD_SCHEDULER_CONFIG = {
 }
 """The EDM-style Euler scheduler Stable Video Diffusion (-XT) ships (`scheduler/scheduler_config.json`)."""
 
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator for the batch, or one per batch element (diffusers' convention): with a list,
+each sample's noise depends on its own generator only, not on the batch it is in."""
+
 RUNTIME_KEYS = (
     "pretrained_path",
     "text_encoder_path",
@@ -74,6 +79,11 @@ RUNTIME_KEYS = (
 )
 """TeacherConfig keys that change how a teacher is used, not what it is: a caller's value wins over
 the one saved with the teacher; they are left out of the fingerprint."""
+
+
+def behaviour_config(config: TeacherConfig) -> dict[str, Any]:
+    """The config keys that define what a teacher computes (all but `RUNTIME_KEYS`)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_KEYS}
 
 
 class TeacherLoadError(FileNotFoundError):
@@ -105,7 +115,7 @@ def quiet_libraries() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lib, (verbosity, bars) in zip(libraries, previous):
+        for lib, (verbosity, bars) in zip(libraries, previous, strict=True):
             lib.set_verbosity(verbosity)
             if bars:
                 lib.enable_progress_bar()
@@ -156,8 +166,8 @@ def build_text_encoder(config: TeacherConfig) -> CLIPTextModel:
     return CLIPTextModel(text_config)
 
 
-def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
-    """OpenAI CLIP's tokenizer built from the BPE vocabulary the open_clip wheel ships (no hub)."""
+@functools.cache
+def _clip_bpe_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
 
@@ -167,8 +177,13 @@ def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
     units = list(bytes_to_unicode().values())
     tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
+    """OpenAI CLIP's tokenizer built from the BPE vocabulary the open_clip wheel ships (no hub)."""
+    vocab, merges = _clip_bpe_vocabulary()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
 def build_scheduler() -> EulerDiscreteScheduler:
@@ -426,12 +441,19 @@ class VideoTeacher(nn.Module):
         if saved is None:
             resolved.text_encoder_path = str(text_encoder_path or base.text_encoder_path)
         if projection is None and resolved.text_hidden_size != resolved.cross_attention_dim:
-            # An SVD UNet with a CLIP text encoder of another width: a fresh projection to train.
-            projection = TextProjection(resolved.text_hidden_size, resolved.cross_attention_dim)
+            warnings.warn(
+                f"{root}: CLIP width {resolved.text_hidden_size} != UNet cross-attention width "
+                f"{resolved.cross_attention_dim}; adding a random text projection: fine-tune the "
+                "teacher (svam train-teacher) before using it",
+                stacklevel=2,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                projection = TextProjection(resolved.text_hidden_size, resolved.cross_attention_dim)
             if torch_dtype is not None:
                 projection.to(torch_dtype)
         teacher = cls(resolved, unet, vae, text_encoder, tokenizer, scheduler, projection)
-        if saved is not None and torch_dtype is None:
+        if saved is not None:
             teacher._fingerprint = saved["fingerprint"]
         return teacher.requires_grad_(False).eval()
 
@@ -484,17 +506,16 @@ class VideoTeacher(nn.Module):
     @property
     def fingerprint(self) -> str:
         """Short sha256 of the weights, the tokenizer's vocabulary size, the scheduler and the
-        behaviour-defining config: what a cache built from this teacher records."""
+        behaviour-defining config: what a cache built from this teacher records. A teacher loaded
+        from a svam directory reports the fingerprint recorded there (of the saved weights, in
+        whatever dtype it was loaded)."""
         if self._fingerprint is None:
             self._fingerprint = self.compute_fingerprint()
         return self._fingerprint
 
     def compute_fingerprint(self) -> str:
         digest = hashlib.sha256()
-        behaviour = {
-            k: v for k, v in dataclasses.asdict(self.config).items() if k not in RUNTIME_KEYS
-        }
-        digest.update(json.dumps(behaviour, sort_keys=True).encode())
+        digest.update(json.dumps(behaviour_config(self.config), sort_keys=True).encode())
         scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
         digest.update(json.dumps(scheduler, sort_keys=True, default=str).encode())
         digest.update(f"vocab:{len(self.tokenizer)}".encode())
@@ -529,15 +550,15 @@ class VideoTeacher(nn.Module):
         if frames.dtype != torch.uint8:
             raise TypeError(f"frames must be uint8 (..., 3, H, W), got {frames.dtype}")
         lead = frames.shape[:-3]
-        images = frames.reshape(-1, *frames.shape[-3:]).to(self.device, torch.float32)
+        images = frames.reshape(-1, *frames.shape[-3:]).to(self.device, torch.float32).contiguous()
         size = self.config.image_size
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
         images = images / 127.5 - 1.0
         return images.reshape(*lead, *images.shape[-3:])
 
-    def encode_text(self, instructions: Sequence[str]) -> torch.Tensor:
-        """Instructions -> cross-attention context (B, max_text_length, cross_attention_dim)."""
+    def text_states(self, instructions: Sequence[str]) -> torch.Tensor:
+        """Instructions -> the frozen CLIP text encoder's last hidden states (B, L, text width)."""
         ids = self.tokenizer(
             list(instructions),
             padding="max_length",
@@ -545,7 +566,11 @@ class VideoTeacher(nn.Module):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        hidden = self.text_encoder(ids).last_hidden_state.to(self.dtype)
+        return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+    def encode_text(self, instructions: Sequence[str]) -> torch.Tensor:
+        """Instructions -> cross-attention context (B, max_text_length, cross_attention_dim)."""
+        hidden = self.text_states(instructions)
         return self.text_projection(hidden) if self.text_projection is not None else hidden
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
@@ -554,13 +579,13 @@ class VideoTeacher(nn.Module):
         latents = self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
         return latents.unflatten(0, frames.shape[:2]).to(self.dtype)
 
-    def condition_latents(
-        self, image: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def condition_latents(self, image: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """The current frame (B, 3, H, W) uint8 -> SVD's conditioning latent (B, c, h, w): noise
         augmented in pixel space and not scaled, as the SVD pipeline does it."""
         images = self.preprocess(image).to(self.vae.dtype)
-        noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        noise = randn_tensor(
+            images.shape, generator=generator, device=images.device, dtype=images.dtype
+        )
         images = images + self.config.noise_aug_strength * noise
         return self.vae.encode(images).latent_dist.mode().to(self.dtype)
 
@@ -630,7 +655,9 @@ def _check_component(folder: Path, name: str) -> None:
     if not (folder / "config.json").is_file():
         raise TeacherLoadError(f"component '{name}' at {folder}: missing config.json")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise TeacherLoadError(f"component '{name}' at {folder}: no weights (*.safetensors or *.bin)")
+        raise TeacherLoadError(
+            f"component '{name}' at {folder}: no weights (*.safetensors or *.bin)"
+        )
 
 
 def _clip_dirs(root: Path) -> tuple[Path, Path]:
@@ -648,7 +675,9 @@ def _load(cls: type, folder: Path, **kwargs: Any) -> Any:
     options: dict[str, Any] = {"local_files_only": True}
     if "torch_dtype" in kwargs:
         # transformers 5 calls it `dtype`, diffusers `torch_dtype`.
-        options["dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype"] = kwargs["torch_dtype"]
+        options["dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype"] = kwargs[
+            "torch_dtype"
+        ]
     if issubclass(cls, ModelMixin):
         plain = folder / "diffusion_pytorch_model.safetensors"
         if not plain.is_file() and any(folder.glob("*.fp16.safetensors")):

@@ -4,8 +4,9 @@ Both follow diffusers' `StableVideoDiffusionPipeline`: noise-augmented condition
 current frame, initial noise scaled by the scheduler's `init_noise_sigma`, Euler steps of its EDM
 (v-prediction, continuous-time) scheduler. The instruction replaces SVD's image embedding, so
 classifier-free guidance is on the instruction, with the empty prompt as the unconditional input.
-Randomness is drawn from the caller's generator in a fixed order (conditioning noise, then the
-initial latents), so `features` equals the features `__call__` captures at its first step.
+Randomness is drawn from the caller's generator(s) (one, or one per sample) in a fixed order
+(conditioning noise, then the initial latents), so `features` equals the features `__call__`
+captures at its first step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from teachers.modeling_teacher import VideoTeacher, merge_up_block_features, unet_forward
+from teachers.modeling_teacher import (
+    Generators,
+    VideoTeacher,
+    merge_up_block_features,
+    unet_forward,
+)
 
 
 @dataclass
@@ -77,7 +83,7 @@ class TeacherPipeline:
         self,
         image: torch.Tensor,
         instruction: str | Sequence[str],
-        generator: torch.Generator | None,
+        generator: Generators,
         scheduler: EulerDiscreteScheduler,
         guidance: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,12 +117,32 @@ class TeacherPipeline:
     # ---------------------------------------------------------------------------- public API
 
     @torch.no_grad()
+    def first_step_inputs(
+        self,
+        image: torch.Tensor,
+        instruction: str | Sequence[str],
+        *,
+        generator: Generators = None,
+        sigma: float | None = None,
+        num_inference_steps: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, timestep, context, added time ids): the UNet inputs of the one-step pass, at
+        noise level `sigma` or the first of the `num_inference_steps` schedule."""
+        scheduler = self.scheduler(num_inference_steps, sigma)
+        latents, condition, context, time_ids = self._prepare(
+            image, instruction, generator, scheduler, guidance=False
+        )
+        timestep = scheduler.timesteps[0]
+        sample = self._model_input(latents, condition, timestep, scheduler, guidance=False)
+        return sample, timestep, context, time_ids
+
+    @torch.no_grad()
     def features(
         self,
         image: torch.Tensor,
         instruction: str | Sequence[str],
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sigma: float | None = None,
         num_inference_steps: int | None = None,
         up_blocks: Sequence[int] | None = None,
@@ -129,19 +155,16 @@ class TeacherPipeline:
         of their grids (`config.feature_upsample`) and concatenated on channels.
         """
         config = self.teacher.config
-        sigma = config.feature_sigma if sigma is None else sigma
-        scheduler = self.scheduler(num_inference_steps, sigma)
-        latents, condition, context, time_ids = self._prepare(
-            image, instruction, generator, scheduler, guidance=False
+        inputs = self.first_step_inputs(
+            image,
+            instruction,
+            generator=generator,
+            sigma=config.feature_sigma if sigma is None else sigma,
+            num_inference_steps=num_inference_steps,
         )
-        timestep = scheduler.timesteps[0]
-        sample = self._model_input(latents, condition, timestep, scheduler, guidance=False)
         _, captured = unet_forward(
             self.teacher.unet,
-            sample,
-            timestep,
-            context,
-            time_ids,
+            *inputs,
             capture=list(up_blocks or config.feature_up_blocks),
             stop_after_capture=True,
         )
@@ -153,7 +176,7 @@ class TeacherPipeline:
         image: torch.Tensor,
         instruction: str | Sequence[str],
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_inference_steps: int | None = None,
         stop_step: int | None = None,
         stop_sigma: float | None = None,

@@ -9,6 +9,12 @@ import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import torch  # noqa: E402
+
+# The suite's models are tiny: a second thread buys little, and on a shared machine two threads per
+# process spin against other processes and run many times slower.
+torch.set_num_threads(1)
+
 from svam.collect import episode_key  # noqa: E402
 from svam.config import load_config  # noqa: E402
 from svam.data.schema import EPISODES  # noqa: E402

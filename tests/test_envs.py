@@ -174,3 +174,18 @@ def test_renders_headless_when_mujoco_was_imported_first():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "DISPLAY")}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+
+
+def test_rendering_then_loading_the_models_shares_one_process():
+    """Mesa's LLVM and triton's clash unless triton comes first: a policy and the simulator share
+    a process in evaluation, so rendering and then importing diffusers must not crash."""
+    code = (
+        "from svam.envs.metaworld import rollout_expert\n"
+        "rollout_expert('reach-v3', 0, image_size=16, max_steps=3)\n"
+        "import diffusers.models\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-500:]

@@ -9,6 +9,18 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Mesa's software rasteriser (llvmpipe) renders with one thread per core by default; at svam's image
+# sizes that buys nothing and fights parallel collect workers for the cores (scripts/bench_collect.py,
+# 24 tiny episodes: 1 worker 12.0 s either way; 2 workers 12.5 s with it, 6.7 s without).
+os.environ.setdefault("LP_NUM_THREADS", "1")
+
+try:
+    # Mesa's software renderer loads its own LLVM; loading triton's LLVM (which torch's CUDA build
+    # ships and diffusers imports) after that segfaults. Loaded first, both live side by side, so
+    # a policy, a teacher and the simulator can share one process.
+    import triton  # noqa: F401
+except ImportError:
+    pass
 
 import atexit
 import difflib

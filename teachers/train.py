@@ -1,0 +1,676 @@
+"""`svam train-teacher`: train or fine-tune the teacher's UNet on episode clips.
+
+The loss is the EDM denoising loss SVD's scheduler implies (v-prediction, sigma_data = 1, log-normal
+noise levels); the VAE and the CLIP text encoder stay frozen. A teacher built from scratch first
+warms its random VAE up on episode frames (`train_teacher.vae_steps`), then freezes it.
+
+Everything goes through accelerate (mixed precision, gradient accumulation, DDP and multi-node
+under `accelerate launch` or `torchrun`, gloo on CPU-only machines). Per-step randomness comes from generators seeded by (run seed, micro
+step, rank), and checkpoints hold model, optimizer, LR schedule, EMA and the data position, so a
+resumed run continues exactly where the interrupted one was. Working files (checkpoints, sample
+grids, the warmed-up VAE) go to `<teacher dir>-train/`; the final teacher directory holds the EMA
+weights and is what `VideoTeacher.from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from diffusers import AutoencoderKLTemporalDecoder
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image, ImageDraw
+from torch import nn
+from tqdm.auto import tqdm
+
+from svam.config import Config, to_dict
+from svam.rundir import RunDir
+from teachers.modeling_teacher import (
+    VideoTeacher,
+    behaviour_config,
+    quiet_libraries,
+    read_teacher_record,
+)
+from teachers.pipeline_teacher import TeacherPipeline
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAIN_STATE_NAME = "train_state.json"
+
+
+class TeacherTrainError(ValueError):
+    """A training setup that cannot run; the message is one line naming the key or path."""
+
+
+class Denoiser(nn.Module):
+    """The trained part of the teacher (UNet + optional text projection) as one module, so that
+    accelerate wraps, checkpoints and averages it as a unit."""
+
+    def __init__(self, unet: nn.Module, text_projection: nn.Module | None):
+        super().__init__()
+        self.unet = unet
+        self.text_projection = text_projection
+
+    def forward(self, sample, timestep, text_states, added_time_ids) -> torch.Tensor:
+        context = text_states if self.text_projection is None else self.text_projection(text_states)
+        return self.unet(sample, timestep, context, added_time_ids).sample
+
+
+def edm_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(c_in, c_noise, c_skip, c_out, loss weight) of EulerDiscreteScheduler's v-prediction with
+    continuous timesteps: scale_model_input divides by sqrt(sigma^2 + 1), the timestep is
+    log(sigma) / 4 and denoised = c_out * output + c_skip * noisy."""
+    variance = sigma**2 + 1
+    return (
+        variance.rsqrt(),
+        0.25 * sigma.log(),
+        1 / variance,
+        -sigma * variance.rsqrt(),
+        variance / sigma**2,
+    )
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (run seed, purpose, rank, step): independent streams."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def clip_grid(rows: list[tuple[str, torch.Tensor]], pad: int = 2) -> np.ndarray:
+    """Labelled rows of frames (T, 3, H, W) uint8 -> one HWC uint8 image."""
+    frames, height, width = rows[0][1].shape[0], rows[0][1].shape[-2], rows[0][1].shape[-1]
+    label = 40
+    canvas = np.full(
+        (len(rows) * (height + pad) + pad, label + frames * (width + pad) + pad, 3), 255, np.uint8
+    )
+    for r, (_, clip) in enumerate(rows):
+        for t, frame in enumerate(clip):
+            y, x = pad + r * (height + pad), label + pad + t * (width + pad)
+            canvas[y : y + height, x : x + width] = frame.permute(1, 2, 0).cpu().numpy()
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for r, (name, _) in enumerate(rows):
+        draw.text((2, pad + r * (height + pad) + height // 2 - 5), name, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def _atomic_replace(tmp: Path, final: Path) -> None:
+    """Put the complete directory `tmp` in place of `final`: an interruption leaves the old
+    directory or none, never a partial one (`*.tmp` leftovers are removed on the next start)."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+class TeacherTrainer:
+    """One training run of the teacher.
+
+    train_stream: returns a fresh, deterministic, endless iterator of clip batches (the format of
+        `svam.data.episodes.clip_loader`); called once per phase and on resume, where the
+        batches already consumed are skipped.
+    eval_batches: returns the fixed clip batches used for the validation loss and sample grids.
+    training_key: recorded in the teacher directory; `is_trained` compares it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        train_stream: Callable[[], Iterator[dict[str, Any]]],
+        eval_batches: Callable[[], list[dict[str, Any]]],
+        output_dir: str | Path,
+        tb_dir: str | Path | None = None,
+        training_key: str | None = None,
+    ):
+        self.config = config
+        self.training_key = training_key
+        self.args = config.train_teacher
+        self.train_stream = train_stream
+        self.eval_batches = eval_batches
+        self.output_dir = Path(output_dir)
+        self.work_dir = self.output_dir.with_name(self.output_dir.name + "-train")
+        self.checkpoint_dir = self.work_dir / "checkpoints"
+        self.tb_dir = Path(tb_dir) if tb_dir is not None else None
+        self.history: list[float] = []
+        """Mean training loss of every optimizer step this process ran (resumed steps excluded)."""
+        self.metrics: dict[str, dict[int, float]] = {}
+        """Every logged scalar by name and step, on the main process (also in tensorboard);
+        `val/loss` is measured on fixed clips and noise with the EMA weights."""
+        self._latent_cache: dict[str, torch.Tensor] = {}
+        self._check()
+
+    def _check(self) -> None:
+        config, args = self.config, self.args
+        config.teacher.validate()
+        if config.data.clip_frames != config.teacher.num_frames:
+            raise TeacherTrainError(
+                f"data.clip_frames={config.data.clip_frames} but teacher.num_frames="
+                f"{config.teacher.num_frames}: the teacher generates whole clips, make them equal"
+            )
+        if config.teacher.pretrained_path and args.vae_steps:
+            raise TeacherTrainError(
+                f"train_teacher.vae_steps={args.vae_steps} would retrain the pretrained VAE of "
+                f"{config.teacher.pretrained_path}: set train_teacher.vae_steps=0"
+            )
+        if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
+            raise TeacherTrainError(f"train_teacher.resume: no checkpoint directory {args.resume}")
+
+    # -------------------------------------------------------------------------------- the run
+
+    def train(self) -> Path:
+        """Train to `train_teacher.steps`, resuming from a checkpoint if there is one; returns the
+        final teacher directory."""
+        args = self.args
+        accelerator = Accelerator(
+            cpu=_cpu_only(),
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
+        self.accelerator = accelerator
+        main = accelerator.is_main_process
+        if main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.checkpoint_dir.glob("*.tmp"):
+                shutil.rmtree(stale)
+        self.writer = None
+        if main and self.tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tb_dir))
+
+        teacher = VideoTeacher.from_config(self.config.teacher, seed=self.config.run.seed)
+        self.teacher = teacher.to(accelerator.device)
+        if args.vae_steps:
+            self._warm_up_vae()
+
+        denoiser = Denoiser(teacher.unet, teacher.text_projection).requires_grad_(True).train()
+        if args.gradient_checkpointing:
+            teacher.unet.enable_gradient_checkpointing()
+        params = [p for p in denoiser.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        # accelerate steps a prepared LR scheduler once per process per optimizer step.
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=args.steps * accelerator.num_processes,
+        )
+        self.ema = None
+        if args.use_ema:
+            with quiet_libraries():
+                self.ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
+            self.ema.to(accelerator.device)
+        self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            denoiser, optimizer, lr_scheduler
+        )
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+
+        step, micro_step = self._resume()
+        if step == 0:
+            self._evaluate(0)
+        stream = self.train_stream()
+        if micro_step:
+            next(itertools.islice(stream, micro_step - 1, None))
+        progress = tqdm(
+            total=args.steps, initial=step, desc="train-teacher", disable=not main, unit="step"
+        )
+        window: list[float] = []
+        step_losses: list[float] = []
+        tick, clips = time.perf_counter(), 0
+        while step < args.steps:
+            batch = next(stream)
+            step_losses.append(self._micro_step(batch, micro_step, params))
+            micro_step += 1
+            clips += len(batch["key"])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if self.ema is not None:
+                self.ema.step(params)
+            self.history.append(float(np.mean(step_losses)))
+            window.append(self.history[-1])
+            step_losses.clear()
+            progress.update(1)
+            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
+            last = step == args.steps
+            logged = step % args.log_every == 0 or last
+            if logged:
+                self._log(
+                    step,
+                    {
+                        "train/loss": float(np.mean(window)),
+                        "train/lr": self.lr_scheduler.get_last_lr()[0],
+                        "train/clips_per_s": clips
+                        * accelerator.num_processes
+                        / (time.perf_counter() - tick),
+                    },
+                )
+            if step % args.sample_every == 0 or last:
+                self._evaluate(step)
+            if step % args.checkpoint_every == 0 or last:
+                self._save_checkpoint(step, micro_step)
+            if logged:  # throughput windows leave evaluation and checkpoint time out
+                window.clear()
+                tick, clips = time.perf_counter(), 0
+        progress.close()
+        return self._save_final(step)
+
+    def _micro_step(self, batch: dict[str, Any], micro_step: int, params: list) -> float:
+        """Forward/backward of one batch; the optimizer steps when accumulation is complete."""
+        accelerator = self.accelerator
+        seed = derived_seed(self.config.run.seed, "train", accelerator.process_index, micro_step)
+        with accelerator.accumulate(self.denoiser):
+            loss = self._loss(batch, self.denoiser, torch.Generator().manual_seed(seed))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    # --------------------------------------------------------------------------------- phases
+
+    def _warm_up_vae(self) -> None:
+        """Fit the from-scratch VAE to episode frames, set its latent scaling to unit variance,
+        and save it to the work dir (reused on resume)."""
+        accelerator, args, teacher = self.accelerator, self.args, self.teacher
+        target = self.work_dir / "vae"
+        marker = {
+            "vae_steps": args.vae_steps,
+            "teacher_config_hash": _json_hash(behaviour_config(self.config.teacher)),
+            "seed": self.config.run.seed,
+        }
+        done = target / "warm_up.json"
+        if done.is_file() and json.loads(done.read_text()) == marker:
+            with quiet_libraries():
+                vae = AutoencoderKLTemporalDecoder.from_pretrained(target, local_files_only=True)
+            teacher.vae = vae.to(accelerator.device).requires_grad_(False).eval()
+        else:
+            vae = teacher.vae.requires_grad_(True).train()
+            optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
+            stream = self.train_stream()
+            generator = torch.Generator().manual_seed(
+                derived_seed(self.config.run.seed, "vae", accelerator.process_index)
+            )
+            bar = tqdm(
+                range(args.vae_steps), desc="vae warm-up", disable=not accelerator.is_main_process
+            )
+            for _ in bar:
+                clips = next(stream)["frames"][: args.vae_batch_clips]
+                images = teacher.preprocess(clips).flatten(0, 1)
+                with accelerator.autocast():
+                    posterior = vae.encode(images).latent_dist
+                    latents = posterior.sample(generator=generator)
+                    recon = vae.decode(latents, num_frames=clips.shape[1]).sample
+                    loss = F.mse_loss(recon.float(), images)
+                    loss = loss + args.vae_kl_weight * posterior.kl().mean()
+                loss.backward()
+                if accelerator.num_processes > 1:  # plain data parallelism for the warm-up
+                    for p in vae.parameters():
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            vae.requires_grad_(False).eval()
+            std = self._latent_std(stream)
+            vae.register_to_config(scaling_factor=1.0 / std)
+            if accelerator.is_main_process:
+                tmp = target.with_name("vae.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                with quiet_libraries():
+                    vae.save_pretrained(tmp)
+                (tmp / "warm_up.json").write_text(json.dumps(marker, indent=2) + "\n")
+                _atomic_replace(tmp, target)
+            accelerator.wait_for_everyone()
+        teacher.config = dataclasses.replace(
+            teacher.config, vae_scaling_factor=teacher.vae.config.scaling_factor
+        )
+        teacher.invalidate_fingerprint()
+
+    @torch.no_grad()
+    def _latent_std(self, stream: Iterator[dict[str, Any]], batches: int = 4) -> float:
+        latents = [
+            self.teacher.vae.encode(self.teacher.preprocess(next(stream)["frames"]).flatten(0, 1))
+            .latent_dist.mode()
+            .float()
+            for _ in range(batches)
+        ]
+        std = torch.cat(latents).std()
+        return float(self.accelerator.reduce(std, reduction="mean"))
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled VAE latents of each clip, encoded one clip at a time so that a cached and a
+        fresh encoding are bit-identical (resume stays exact with or without the cache)."""
+        latents = []
+        for key, clip in zip(batch["key"], batch["frames"], strict=True):
+            cached = self._latent_cache.get(key)
+            if cached is None:
+                cached = self.teacher.encode_video(clip[None])[0].float().cpu()
+                if self.args.cache_latents:
+                    self._latent_cache[key] = cached
+            latents.append(cached)
+        return torch.stack(latents).to(self.accelerator.device)
+
+    def _loss(
+        self, batch: dict[str, Any], denoiser: nn.Module, generator: torch.Generator
+    ) -> torch.Tensor:
+        """EDM loss of one batch; all noise comes from `generator` (CPU)."""
+        teacher, args = self.teacher, self.args
+        device = self.accelerator.device
+        with torch.no_grad():
+            latents = self._latents(batch)
+            batch_size = latents.shape[0]
+            condition = teacher.condition_latents(batch["frames"][:, 0], generator)
+            keep = torch.rand(batch_size, generator=generator) >= args.text_dropout
+            instructions = [
+                text if k else "" for text, k in zip(batch["instruction"], keep, strict=True)
+            ]
+            text_states = teacher.text_states(instructions)
+        log_sigma = args.sigma_p_mean + args.sigma_p_std * torch.randn(
+            batch_size, generator=generator
+        )
+        sigma = log_sigma.exp().to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        c_in, c_noise, c_skip, c_out, weight = edm_scalings(sigma)
+        expand = (-1, 1, 1, 1, 1)
+        noisy = latents + sigma.view(expand) * noise
+        sample = torch.cat(
+            [noisy * c_in.view(expand), condition[:, None].expand_as(latents)], dim=2
+        )
+        output = denoiser(sample, c_noise, text_states, teacher.added_time_ids(batch_size))
+        denoised = c_out.view(expand) * output.float() + c_skip.view(expand) * noisy
+        per_clip = ((denoised - latents) ** 2).flatten(1).mean(1)
+        return (weight * per_clip).mean()
+
+    # --------------------------------------------------------------------- eval, logs, samples
+
+    @contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = list(self.accelerator.unwrap_model(self.denoiser).parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.metrics.setdefault(name, {})[step] = value
+            if self.writer is not None:
+                self.writer.add_scalar(name, value, step)
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> Path | None:
+        """Validation loss and a real / VAE / predicted grid, with the EMA weights; main only."""
+        if not self.accelerator.is_main_process:
+            return None
+        batches = self.eval_batches()
+        if not batches:
+            return None
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        seed = self.config.run.seed
+        with self._ema_weights(), self.accelerator.autocast():
+            denoiser.eval()
+            losses = [
+                self._loss(b, denoiser, torch.Generator().manual_seed(derived_seed(seed, "val", i)))
+                for i, b in enumerate(batches[: self.args.val_batches])
+            ]
+            frames, instructions = _pick_clips(batches, self.args.sample_clips)
+            count = len(frames)
+            result = TeacherPipeline(self.teacher)(
+                frames[:, 0],
+                instructions,
+                generator=torch.Generator().manual_seed(derived_seed(seed, "samples")),
+                return_features=False,
+            )
+            recon = self.teacher.decode_latents(self.teacher.encode_video(frames))
+            denoiser.train()
+        rows = []
+        for i in range(count):
+            rows += [("real", frames[i]), ("vae", recon[i]), ("pred", result.frames[i])]
+        grid = clip_grid(rows)
+        path = self.work_dir / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        if self.writer is not None:
+            self.writer.add_image("samples/real_vae_pred", grid, step, dataformats="HWC")
+        self._log(step, {"val/loss": float(torch.stack(losses).mean())})
+        return path
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def _state_record(self, step: int, micro_step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "micro_step": micro_step,
+            "teacher_config_hash": _json_hash(behaviour_config(self.config.teacher)),
+            "use_ema": self.args.use_ema,
+            "num_processes": self.accelerator.num_processes,
+            "vae": _state_hash(self.teacher.vae),
+        }
+
+    def _save_checkpoint(self, step: int, micro_step: int) -> None:
+        accelerator = self.accelerator
+        final = self.checkpoint_dir / f"checkpoint-{step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        with quiet_libraries():
+            accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            record = self._state_record(step, micro_step)
+            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            _atomic_replace(tmp, final)
+            done = sorted(self._checkpoints())
+            for _, old in done[: max(len(done) - self.args.checkpoints_total_limit, 0)]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for path in self.checkpoint_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and (path / TRAIN_STATE_NAME).is_file():
+                found.append((int(match.group(1)), path))
+        return found
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the checkpoint `train_teacher.resume` names; (step, micro step) to go on from."""
+        resume = self.args.resume
+        if resume is None:
+            return 0, 0
+        if resume == "latest":
+            found = self._checkpoints()
+            if not found:
+                return 0, 0
+            path = max(found)[1]
+        else:
+            path = Path(resume)
+        state_path = path / TRAIN_STATE_NAME
+        if not state_path.is_file():
+            raise TeacherTrainError(
+                f"{path}: not a complete checkpoint ({TRAIN_STATE_NAME} missing)"
+            )
+        state = json.loads(state_path.read_text())
+        expected = self._state_record(state["step"], state["micro_step"])
+        for key in ("teacher_config_hash", "use_ema", "num_processes", "vae"):
+            if state[key] != expected[key]:
+                raise TeacherTrainError(
+                    f"{path}: written with {key}={state[key]}, this run has {expected[key]}; "
+                    "set train_teacher.resume=null (or another output_dir) to start over"
+                )
+        with quiet_libraries():
+            self.accelerator.load_state(str(path))
+        if self.accelerator.is_main_process:
+            tqdm.write(f"train-teacher: resumed from {path} (step {state['step']})")
+        return state["step"], state["micro_step"]
+
+    def _save_final(self, step: int) -> Path:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if self.ema is not None:
+                self.ema.copy_to(accelerator.unwrap_model(self.denoiser).parameters())
+            self.teacher.requires_grad_(False).eval()
+            self.teacher.invalidate_fingerprint()
+            grid = self.work_dir / "samples" / f"step-{step:06d}.png"
+            metadata = {
+                "training": {
+                    "key": self.training_key,
+                    "steps": step,
+                    "ema": self.args.use_ema,
+                    "final_train_loss": self.history[-1] if self.history else None,
+                    "samples": str(grid) if grid.is_file() else None,
+                    "config": to_dict(self.config),
+                }
+            }
+            self.teacher.save_pretrained(self.output_dir, metadata=metadata)
+            tqdm.write(
+                f"train-teacher: teacher {self.teacher.fingerprint} -> {self.output_dir}"
+                + (f"; samples (real / vae / predicted): {grid}" if grid.is_file() else "")
+            )
+        if self.writer is not None:
+            self.writer.close()
+        accelerator.wait_for_everyone()
+        return self.output_dir
+
+
+def _pick_clips(batches: list[dict[str, Any]], count: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to `count` clips for the sample grid, one per task first, then in order."""
+    clips = [
+        (b["task"][i], b["frames"][i], b["instruction"][i])
+        for b in batches
+        for i in range(len(b["key"]))
+    ]
+    firsts, rest, seen = [], [], set()
+    for clip in clips:
+        (rest if clip[0] in seen else firsts).append(clip)
+        seen.add(clip[0])
+    chosen = (firsts + rest)[:count]
+    return torch.stack([c[1] for c in chosen]), [c[2] for c in chosen]
+
+
+def _cpu_only() -> bool:
+    """accelerate forms a multi-process CPU (gloo) group under a launcher only when told so."""
+    return not torch.cuda.is_available()
+
+
+def _json_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _state_hash(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------- the stage
+
+
+def _first_batches(loader: Iterable[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    return list(itertools.islice(loader, count))
+
+
+def _paths(config: Config) -> tuple[Path, Path]:
+    """(episode shard dir, final teacher dir) of a run."""
+    run, args = RunDir.from_config(config), config.train_teacher
+    episodes = Path(args.episodes) if args.episodes else run.episodes
+    return episodes, Path(args.output_dir) if args.output_dir else run.teacher
+
+
+def training_key(config: Config, episodes: Path) -> str:
+    """What a finished teacher depends on: teacher, training and data settings, run seed and the
+    episode shards' manifest (paths, resume and logging settings left out)."""
+    skip = {"episodes", "output_dir", "resume", "log_every", "sample_every", "checkpoint_every"}
+    train = {k: v for k, v in to_dict(config.train_teacher).items() if k not in skip}
+    return _json_hash(
+        {
+            "teacher": to_dict(config.teacher),
+            "train_teacher": train,
+            "data": to_dict(config.data),
+            "seed": config.run.seed,
+            "episodes": hashlib.sha256((episodes / "manifest.json").read_bytes()).hexdigest(),
+        }
+    )
+
+
+def is_trained(config: Config) -> bool:
+    """Whether the run already holds a teacher trained with this config on these episodes."""
+    episodes, output = _paths(config)
+    try:
+        record = read_teacher_record(output)
+        return record.get("training", {}).get("key") == training_key(config, episodes)
+    except OSError:
+        return False
+
+
+def train_teacher(config: Config) -> Path:
+    """`svam train-teacher`: train the teacher on the run's episode shards; returns the teacher
+    directory (default `runs/<name>/teacher`)."""
+    from svam.data.episodes import clip_loader
+    from svam.data.schema import SchemaError
+
+    run = RunDir.from_config(config)
+    args = config.train_teacher
+    episodes, output = _paths(config)
+    if not (episodes / "manifest.json").is_file():
+        where = "directory missing" if not episodes.is_dir() else "no manifest.json"
+        raise TeacherTrainError(
+            f"no episode shards at {episodes} ({where}): run `svam collect` first "
+            "or point train_teacher.episodes at a shard directory"
+        )
+    data, seed = config.data, config.run.seed
+
+    def train_stream() -> Iterator[dict[str, Any]]:
+        return iter(clip_loader(episodes, data, "train", seed=seed, repeat=True))
+
+    eval_cache: list[list[dict[str, Any]]] = []
+
+    def eval_batches() -> list[dict[str, Any]]:
+        if not eval_cache:
+            count = max(args.val_batches, 1)
+            try:
+                loader = clip_loader(episodes, data, "val", seed=seed, shuffle=True)
+            except SchemaError:  # no validation episodes: show training clips instead
+                loader = clip_loader(episodes, data, "train", seed=seed, shuffle=True)
+            eval_cache.append(_first_batches(loader, count))
+        return eval_cache[0]
+
+    if PartialState(cpu=_cpu_only()).is_main_process:
+        run.save_config(config, "train-teacher")
+    trainer = TeacherTrainer(
+        config,
+        train_stream=train_stream,
+        eval_batches=eval_batches,
+        output_dir=output,
+        tb_dir=run.tb / "teacher",
+        training_key=training_key(config, episodes),
+    )
+    return trainer.train()
