@@ -1,35 +1,33 @@
-"""Decouplers: one-step teacher features -> foreseen semantic (DINOv2) and geometric (DA3) tokens."""
+"""Decouplers: one-step teacher features -> foreseen semantic (DINOv2) and geometric (DA3) tokens.
 
-from distill.configuration_decoupler import (
-    BRANCHES,
-    DecouplerConfig,
-    DecouplersConfig,
-    full_scale_decouplers,
-    published_decouplers,
-)
-from distill.modeling_decoupler import (
-    Decoupler,
-    DecouplerLoadError,
-    build_decouplers,
-    decoupler_flops,
-    decoupler_parameters,
-    example_inputs,
-    flop_counter,
-    read_decoupler_config,
-)
+Exports load lazily, so that reading a config (`svam.config` imports the configuration modules)
+does not import torch.
+"""
 
-__all__ = [
-    "BRANCHES",
-    "Decoupler",
-    "DecouplerConfig",
-    "DecouplerLoadError",
-    "DecouplersConfig",
-    "build_decouplers",
-    "decoupler_flops",
-    "decoupler_parameters",
-    "example_inputs",
-    "flop_counter",
-    "full_scale_decouplers",
-    "published_decouplers",
-    "read_decoupler_config",
-]
+import importlib
+
+_CONFIGURATION = "distill.configuration_decoupler"
+_MODELING = "distill.modeling_decoupler"
+_EXPORTS = {
+    "BRANCHES": _CONFIGURATION,
+    "DecouplerConfig": _CONFIGURATION,
+    "DecouplersConfig": _CONFIGURATION,
+    "full_scale_decouplers": _CONFIGURATION,
+    "published_decouplers": _CONFIGURATION,
+    "Decoupler": _MODELING,
+    "DecouplerLoadError": _MODELING,
+    "build_decouplers": _MODELING,
+    "decoupler_flops": _MODELING,
+    "decoupler_parameters": _MODELING,
+    "example_inputs": _MODELING,
+    "flop_counter": _MODELING,
+    "read_decoupler_config": _MODELING,
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'distill' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -62,11 +62,14 @@ STAGES = [
     Stage(
         "train-teacher",
         "train or fine-tune the video diffusion teacher on episode clips",
-        """Trains the SVD-architecture UNet (VAE frozen) to predict the future clip from the current
-        frame and the instruction, with EMA weights, tensorboard logs and resumable checkpoints.
-        Reads: runs/<name>/episodes/. Writes: runs/<name>/teacher/ (diffusers layout).""",
-        None,
-        "the teacher issue (#3)",
+        """Trains the SVD-architecture UNet to predict the future clip from the current frame and
+        the instruction (EDM denoising loss; VAE frozen, warmed up first when built from scratch),
+        with accelerate, EMA weights, tensorboard scalars and sample grids, and checkpoints that
+        resume exactly (train_teacher.* keys). Runs under `accelerate launch` / `torchrun`.
+        Reads: runs/<name>/episodes/. Writes: runs/<name>/teacher/ (diffusers layout) and
+        runs/<name>/teacher-train/ (checkpoints, sample grids).""",
+        "teachers.train:train_teacher",
+        done="teachers.train:is_trained",
     ),
     Stage(
         "cache-teachers",
@@ -85,11 +88,17 @@ STAGES = [
     Stage(
         "distill",
         "train the semantic and geometric decouplers on the teacher cache",
-        """Trains decouplers that map one-step diffusion features to the cached multi-step
-        foresight tokens, and reports their fidelity against baselines.
-        Reads: cache/. Writes: runs/<name>/decouplers/.""",
-        None,
-        "the distill issue (#5)",
+        """Trains the semantic and geometric decouplers (decouplers.* sizes, distill.* training
+        keys) to map the teacher's one-step features, read from the cache or computed on the fly
+        by the teacher when the cache holds none, to the cached multi-step foresight tokens
+        (MSE + cosine loss), with accelerate (mixed precision; DDP under `accelerate launch` or
+        `torchrun`), tensorboard scalars and checkpoints it resumes from exactly. Keeps each
+        branch's best decoupler by validation fidelity and reports fidelity per future frame
+        against two baselines (nothing moves; a linear probe), as fidelity.json and fidelity.md.
+        Reads: cache/ (teacher/ on the fly). Writes: runs/<name>/decouplers/ (or --out).""",
+        "distill.train:distill",
+        done="distill.train:is_distilled",
+        options=("out_dir",),
     ),
     Stage(
         "train-policy",

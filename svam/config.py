@@ -19,6 +19,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distill.configuration_decoupler import DecouplersConfig
+from distill.configuration_distill import DistillConfig
 from teachers.configuration_cache import CacheConfig
 from teachers.configuration_encoders import EncodersConfig
 from teachers.configuration_teacher import TeacherConfig, TeacherTrainConfig
@@ -85,6 +87,8 @@ class Config:
     train_teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    decouplers: DecouplersConfig = field(default_factory=DecouplersConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -7,7 +7,6 @@ validation, so no validation frame is ever seen in training.
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from svam.config import DataConfig
 from svam.data.schema import EPISODES, SchemaError
-from svam.data.shards import ShardSet, read_shard
+from svam.data.shards import ShardSet
+from svam.data.streaming import ShardStream
 
 SPLITS = ("train", "val")
 
@@ -70,22 +69,12 @@ def episode_clips(key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any],
         }
 
 
-def _consumer() -> tuple[int, int]:
-    """(index, count) of this reader among all data-loader workers of all distributed ranks."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * workers + worker, world * workers
-
-
-class EpisodeClips(IterableDataset):
+class EpisodeClips(ShardStream):
     """Stream clips of one split of an episode shard set.
 
-    Each reader (data-loader worker x distributed rank) takes a contiguous, disjoint block of the
-    split's episodes, so it opens only the shards that hold them. Shuffling (train default) permutes
-    episode order per epoch and mixes clips in a buffer; both are seeded by (seed, epoch, reader).
+    Readers (data-loader workers x distributed ranks) take disjoint blocks of the split's
+    episodes; shuffling (train default) permutes episode shards per epoch and mixes clips in a
+    buffer, seeded by (seed, epoch, reader): see `svam.data.streaming.ShardStream`.
     """
 
     def __init__(
@@ -104,10 +93,6 @@ class EpisodeClips(IterableDataset):
         self.shard_set = ShardSet.open(root, kind=EPISODES.kind, verify=verify)
         self.data = data
         self.split = split
-        self.seed = seed
-        self.shuffle = split == "train" if shuffle is None else shuffle
-        self.repeat = repeat
-        self.epoch = 0
         manifest = self.shard_set.manifest
         split_of = split_episodes(manifest["episodes"], data.val_fraction)
         self.episodes = [
@@ -121,45 +106,23 @@ class EpisodeClips(IterableDataset):
                 f"{self.shard_set.root}: no {split} episodes (data.val_fraction={data.val_fraction}, "
                 f"{len(split_of)} episodes in all)"
             )
+        super().__init__(
+            self.shard_set.root,
+            EPISODES,
+            self.episodes,
+            seed=seed,
+            shuffle=split == "train" if shuffle is None else shuffle,
+            shuffle_buffer=data.shuffle_buffer,
+            repeat=repeat,
+        )
 
     def __len__(self) -> int:
         """Number of clips in one pass over the split."""
         episodes = self.shard_set.manifest["episodes"]
         return sum(len(clip_starts(episodes[key]["length"], self.data)) for _, key in self.episodes)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _one_pass(self, epoch: int) -> Iterator[dict[str, Any]]:
-        reader, readers = _consumer()
-        lo = reader * len(self.episodes) // readers
-        hi = (reader + 1) * len(self.episodes) // readers
-        mine = self.episodes[lo:hi]
-        rng = random.Random(f"{self.seed}/{epoch}/{reader}")
-        shards = list(dict.fromkeys(name for name, _ in mine))
-        if self.shuffle:
-            rng.shuffle(shards)
-        wanted = {key for _, key in mine}
-
-        def clips():
-            for name in shards:
-                for key, arrays, meta in read_shard(self.shard_set.root / name, EPISODES):
-                    if key in wanted:
-                        yield from episode_clips(key, arrays, meta, self.data)
-
-        if not self.shuffle:
-            yield from clips()
-            return
-        buffer = self.data.shuffle_buffer
-        yield from wds.shuffle(bufsize=buffer, initial=buffer, rng=rng)(clips())
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.epoch
-        while True:
-            yield from self._one_pass(epoch)
-            if not self.repeat:
-                return
-            epoch += 1
+    def items(self, key, arrays, meta, epoch) -> Iterator[dict[str, Any]]:
+        return episode_clips(key, arrays, meta, self.data)
 
 
 def clip_loader(

@@ -1,0 +1,985 @@
+"""`svam distill`: train the semantic and geometric decouplers on a teacher cache.
+
+Both decouplers train together (one accelerate-prepared module, one optimizer) on teacher-cache
+clips streamed with a seeded shuffle buffer, disjoint per loader worker and process. Per branch
+the loss is `mse_weight` x MSE / (the train split's target variance) + `cosine_weight` x
+(1 - token cosine); the branches' losses are summed.
+
+One-step features come from the cache, or, when it holds none, from the cache's teacher on the
+fly: a fresh noise draw per clip and epoch, seeded by (run seed, clip key, epoch).
+
+Before training, the decouplers' data dims are derived from the cache manifest and the features
+(or, with `distill.dims_from_cache=false`, checked against them), and the linear-probe baseline,
+the target statistics and the depth probe are fitted on the train split (kept in the work dir for
+resumes). Every `eval_every` steps the validation fidelity is measured and each branch's best
+decoupler so far is kept; at the end the best decouplers are compared with both baselines on every
+validation clip (distill/fidelity.py).
+
+Resuming: checkpoints (accelerate `save_state`, written under a temporary name and renamed) hold
+the models, optimizer, LR schedule, RNG states, best scores and the data position; a resumed run
+skips the batches already consumed and goes on exactly as the uninterrupted run would.
+
+Layout: `<output_dir>/{semantic,geometric}/` (`Decoupler` directories), `fidelity.json`,
+`fidelity.md`, `distill.json`; `<output_dir>-train/`: `checkpoints/`, `best/`, `baselines.pt`.
+Tensorboard scalars go to `<run>/tb/distill/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torchmetrics.aggregation import SumMetric
+from tqdm.auto import tqdm
+
+from distill.configuration_decoupler import BRANCHES, DecouplerConfig, DecouplersConfig
+from distill.fidelity import (
+    BASELINES,
+    DEPTH_SUBPATCH,
+    METHODS,
+    DepthFidelity,
+    DepthProbe,
+    LinearProbe,
+    RidgeRegression,
+    TokenFidelity,
+    branch_report,
+    depth_map,
+    depth_patches,
+    grid_features,
+    markdown,
+)
+from distill.modeling_decoupler import Decoupler, build_decouplers
+from svam.config import Config, to_dict
+from svam.data.teacher_cache import CURRENT, TARGETS, TeacherCache, teacher_cache_loader
+from svam.rundir import RunDir
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAIN_STATE_NAME = "train_state.json"
+RECORD_NAME = "distill.json"
+BASELINES_NAME = "baselines.pt"
+CACHED, ON_THE_FLY = "cached", "on-the-fly"
+NOT_IN_KEY = (
+    "cache",
+    "teacher",
+    "output_dir",
+    "resume",
+    "log_every",
+    "checkpoint_every",
+    "checkpoints_total_limit",
+)
+"""Distill keys that do not change the trained decouplers (paths, resumption, logging)."""
+
+
+class DistillError(ValueError):
+    """A distillation setup that cannot run; the message is one line naming the key or file."""
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+@dataclass(frozen=True)
+class DistillPaths:
+    cache: Path
+    teacher: Path
+    output: Path
+
+    @property
+    def work(self) -> Path:
+        """Checkpoints, the best decouplers so far and the fitted baselines."""
+        return self.output.with_name(self.output.name + "-train")
+
+
+def distill_paths(config: Config) -> DistillPaths:
+    run, args = RunDir.from_config(config), config.distill
+    return DistillPaths(
+        cache=Path(args.cache or config.cache.output_dir or run.cache),
+        teacher=Path(args.teacher or config.cache.teacher or run.teacher),
+        output=Path(args.output_dir or run.decouplers),
+    )
+
+
+def onestep_mode(config: Config, cache: TeacherCache) -> str:
+    """'cached' or 'on-the-fly': where the one-step features come from."""
+    wanted, cached = config.distill.onestep, cache.has("onestep")
+    if wanted == CACHED and not cached:
+        raise DistillError(
+            f"distill.onestep=cached but {cache.manifest_path} holds no one-step features (made "
+            "with cache.keep_onestep=false): use distill.onestep=auto or on-the-fly"
+        )
+    if wanted == "auto":
+        return CACHED if cached else ON_THE_FLY
+    return wanted
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loader_settings(config: Config) -> dict[str, int]:
+    args, data = config.distill, config.data
+    return {
+        "num_workers": data.num_workers if args.num_workers is None else args.num_workers,
+        "shuffle_buffer": data.shuffle_buffer
+        if args.shuffle_buffer is None
+        else args.shuffle_buffer,
+    }
+
+
+def training_key(config: Config, cache: TeacherCache, mode: str) -> str:
+    """What the distilled decouplers depend on: the decoupler and distill settings (paths,
+    resumption and logging left out), the run seed, the cache manifest and the one-step source."""
+    settings = {k: v for k, v in to_dict(config.distill).items() if k not in NOT_IN_KEY}
+    parts = {
+        "decouplers": to_dict(config.decouplers),
+        "distill": {**settings, **_loader_settings(config)},
+        "seed": config.run.seed,
+        "cache": hashlib.sha256(cache.manifest_path.read_bytes()).hexdigest(),
+        "onestep": mode,
+    }
+    if mode == ON_THE_FLY:
+        teacher = config.teacher
+        parts["features"] = [
+            teacher.feature_up_blocks,
+            teacher.feature_sigma,
+            teacher.feature_upsample,
+        ]
+    return _hash(parts)
+
+
+def is_distilled(config: Config) -> bool:
+    """Whether the run already holds decouplers distilled with this config from this cache."""
+    paths = distill_paths(config)
+    try:
+        cache = TeacherCache.open(paths.cache, verify=False)
+        record = json.loads((paths.output / RECORD_NAME).read_text())
+        return record.get("key") == training_key(config, cache, onestep_mode(config, cache))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_dims(name: str, branch: DecouplerConfig, found: dict[str, tuple[int, str]]) -> None:
+    """Refuse the first config dim that differs from what the cache or teacher has."""
+    configured = {"reference_dim": branch.ref_dim, "reference_tokens": branch.ref_tokens}
+    for key, (value, phrase) in found.items():
+        mine = configured.get(key, getattr(branch, key))
+        if mine != value:
+            raise DistillError(f"decouplers.{name}.{key}={mine} but {phrase}")
+
+
+def resolve_decouplers(
+    section: DecouplersConfig,
+    cache: TeacherCache,
+    features: tuple[int, int],
+    feature_source: str,
+    from_cache: bool,
+) -> DecouplersConfig:
+    """The decoupler configs with their data dims from the cache and the one-step features
+    (`features` = (channels, grid side)); with `from_cache` false the section's own dims are
+    kept and must agree with the cache, else a one-line error names both numbers."""
+    manifest, where = cache.manifest, cache.manifest_path
+    frames = manifest["dims"]["clip_frames"]
+    channels, side = features
+    if manifest.get("encoders", {}).get("geometric_camera_token"):
+        raise DistillError(
+            f"the cache's geometric tokens carry DA3's camera token ({where}): the decouplers "
+            "predict a square grid of patch tokens; rebuild the cache with "
+            "encoders.geometric_camera_token=false"
+        )
+    resolved = {}
+    for name, branch in section.branches().items():
+        tokens, dim = manifest["dims"][name]
+        fingerprint = manifest[f"{name}_fingerprint"]
+        if not from_cache:
+            found = {
+                "in_channels": (
+                    channels,
+                    f"the teacher's one-step features have {channels} channels ({feature_source})",
+                ),
+                "num_frames": (frames, f"the cache's clips have {frames} frames ({where})"),
+                "target_dim": (dim, f"the cache's {name} tokens are {dim}-d ({where})"),
+                "target_tokens": (
+                    tokens,
+                    f"the cache holds {tokens} {name} tokens per frame ({where})",
+                ),
+            }
+            if branch.reference:
+                found["reference_dim"] = (
+                    dim,
+                    f"the cache's {name} reference tokens are {dim}-d ({where})",
+                )
+                found["reference_tokens"] = (
+                    tokens,
+                    f"the cache holds {tokens} {name} reference tokens ({where})",
+                )
+            _check_dims(name, branch, found)
+            if not fingerprint.startswith(f"{branch.encoder}-"):
+                raise DistillError(
+                    f"decouplers.{name}.encoder={branch.encoder} but the cache's {name} tokens "
+                    f"come from {fingerprint} ({where})"
+                )
+        resolved[name] = dataclasses.replace(
+            branch,
+            encoder=fingerprint,
+            in_channels=channels,
+            feature_size=side,
+            num_frames=frames,
+            target_dim=dim,
+            target_tokens=tokens,
+            reference_dim=None,
+            reference_tokens=None,
+        )
+    config = DecouplersConfig(**resolved)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise DistillError(f"{exc} (dims from {where})") from exc
+    return config
+
+
+class DecouplerPair(nn.Module):
+    """Both decouplers as one module, so accelerate wraps (DDP), casts and checkpoints them as
+    a unit."""
+
+    def __init__(self, models: dict[str, Decoupler]):
+        super().__init__()
+        self.branches = nn.ModuleDict(models)
+
+    def forward(
+        self, features: torch.Tensor, references: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {
+            name: model(features, references[name] if model.config.reference else None)
+            for name, model in self.branches.items()
+        }
+
+
+def _onestep_generator(run_seed: int, key: str, epoch: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{run_seed}/{key}/onestep/{epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _save_atomic(model: Decoupler, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _means(result: dict[str, list[float]]) -> dict[str, float]:
+    return {metric: sum(values) / len(values) for metric, values in result.items()}
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+class Distiller:
+    """One `svam distill` run; `train` returns the output directory."""
+
+    def __init__(self, config: Config, paths: DistillPaths):
+        config.distill.validate()
+        self.config, self.args, self.paths = config, config.distill, paths
+        self.cache = TeacherCache.open(paths.cache)
+        self.mode = onestep_mode(config, self.cache)
+        self.key = training_key(config, self.cache, self.mode)
+        self.loader_settings = _loader_settings(config)
+        self.feature_array = "onestep" if self.mode == CACHED else CURRENT
+        self.teacher_pipeline = None
+        self.history: list[float] = []
+        """Training loss of every optimizer step this process ran."""
+        self.metrics: dict[str, dict[int, float]] = {}
+        """Every logged scalar by name and step (main process)."""
+        self.timing: dict[str, float] = defaultdict(float)
+        """Seconds spent waiting for batches (data), computing features, and in training steps."""
+        resume = self.args.resume
+        if resume not in (None, "latest") and not Path(resume).is_dir():
+            raise DistillError(f"distill.resume: no checkpoint directory {resume}")
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def _load_teacher(self) -> None:
+        from teachers.modeling_teacher import read_teacher_record
+        from teachers.pipeline_teacher import TeacherPipeline
+
+        teacher_dir, manifest = self.paths.teacher, self.cache.manifest
+        try:
+            fingerprint = read_teacher_record(teacher_dir)["fingerprint"]
+        except OSError as exc:
+            raise DistillError(
+                f"the cache at {self.cache.root} holds no one-step features, so the teacher must "
+                f"compute them, but {exc}: set distill.teacher to the cache's teacher"
+            ) from exc
+        if fingerprint != manifest["teacher_fingerprint"]:
+            raise DistillError(
+                f"the teacher at {teacher_dir} is {fingerprint} but the cache was made by teacher "
+                f"{manifest['teacher_fingerprint']} ({self.cache.manifest_path}): on-the-fly "
+                "one-step features need the cache's teacher (set distill.teacher)"
+            )
+        pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
+        pipeline.teacher.to(self.device)
+        self.teacher_pipeline = pipeline
+
+    def _feature_shape(self) -> tuple[tuple[int, int], str]:
+        """((channels, grid side), where that was read) of the one-step features."""
+        _, arrays, _ = self.cache.first_sample
+        if self.mode == CACHED:
+            _, channels, side, _ = arrays["onestep"].shape
+            return (channels, side), str(self.cache.manifest_path)
+        current = torch.from_numpy(arrays["frames"][:1]).permute(0, 3, 1, 2)
+        features = self._features(
+            {"current": current, "instruction": [""], "key": ["probe"], "epoch": [0]}
+        )
+        return (features.shape[2], features.shape[3]), str(self.paths.teacher)
+
+    def _loader(self, split: str, arrays: list[str], **options: Any):
+        return teacher_cache_loader(
+            self.cache,
+            split,
+            batch_size=self.args.batch_size,
+            num_workers=self.loader_settings["num_workers"],
+            pin_memory=self.device.type == "cuda",
+            arrays=arrays,
+            seed=self.config.run.seed,
+            **options,
+        )
+
+    @torch.no_grad()
+    def _features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One-step features (B, T, C, h, w) float32 on the device."""
+        start = time.perf_counter()
+        if self.mode == CACHED:
+            features = batch["onestep"].to(self.device, non_blocking=True).float()
+        else:
+            seed = self.config.run.seed
+            generators = [
+                _onestep_generator(seed, key, int(epoch))
+                for key, epoch in zip(batch["key"], batch["epoch"], strict=True)
+            ]
+            with self.accelerator.autocast():
+                features = self.teacher_pipeline.features(
+                    batch[CURRENT],
+                    batch["instruction"],
+                    generator=generators,
+                    num_inference_steps=self.cache.manifest["num_inference_steps"],
+                ).float()
+        self.timing["features"] += time.perf_counter() - start
+        return features
+
+    def _targets(
+        self, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(targets (B, T, P, D), references (B, P, D)) per branch, float32 on the device."""
+
+        def get(name: str) -> torch.Tensor:
+            return batch[name].to(self.device, non_blocking=True).float()
+
+        return {b: get(b) for b in BRANCHES}, {b: get(f"{b}_ref") for b in BRANCHES}
+
+    # --------------------------------------------------------------------------- baselines
+
+    def _reduce(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            tensor.copy_(self.accelerator.reduce(tensor, reduction="sum"))
+
+    @torch.no_grad()
+    def _fit_linear_probes(self) -> dict[str, Any]:
+        """Linear probes and target variances of both branches, fitted on the train split."""
+        configs = self.decouplers.branches()
+        channels = configs["semantic"].in_channels
+        ridges = {
+            b: RidgeRegression(channels, cfg.target_dim, self.device) for b, cfg in configs.items()
+        }
+        loader = self._loader(
+            "train", [*TARGETS, self.feature_array], shuffle=False, max_clips=self.args.probe_clips
+        )
+        clips = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in tqdm(
+            loader, desc="distill: linear probe", disable=not self.is_main, leave=False
+        ):
+            clips += len(batch["key"])
+            features = self._features(batch)
+            targets, _ = self._targets(batch)
+            for name, cfg in configs.items():
+                x = grid_features(features, cfg.target_grid).flatten(0, 2)
+                ridges[name].update(x, targets[name].flatten(0, 2))
+        self._reduce([clips])
+        fitted = {"train_clips": clips.long().cpu()}
+        for name, ridge in ridges.items():
+            self._reduce(ridge.statistics())
+            weight, bias = ridge.solve(self.args.probe_ridge)
+            fitted[f"{name}.weight"], fitted[f"{name}.bias"] = weight, bias
+            fitted[f"{name}.variance"] = torch.tensor(ridge.target_variance())
+        return fitted
+
+    @cached_property
+    def _depth_encoder(self) -> tuple[Any, str | None]:
+        """(the cache's geometric encoder, None), for DA3 depth of the generated frames, or
+        (None, a note on why there is none)."""
+        from teachers.cache import DTYPES
+        from teachers.configuration_encoders import EncodersConfig
+        from teachers.encoders import GeometricEncoder
+
+        manifest = self.cache.manifest
+        cfg = EncodersConfig(**manifest["encoders"])
+        dtype = DTYPES[manifest.get("cache_settings", {}).get("dtype", "float32")]
+        try:
+            encoder = GeometricEncoder(
+                cfg.geometric_model,
+                cfg.geometric_image_size,
+                cfg.geometric_weights,
+                layer=cfg.geometric_layer,
+                camera_token=cfg.geometric_camera_token,
+                seed=cfg.init_seed,
+                device=self.device,
+                dtype=dtype,
+            )
+        except (ValueError, OSError) as exc:
+            return None, f"no depth errors: the cache's geometric encoder cannot be built ({exc})"
+        if encoder.fingerprint != manifest["geometric_fingerprint"]:
+            return None, (
+                f"no depth errors: the geometric encoder the cache's config builds is "
+                f"{encoder.fingerprint}, the cache's tokens come from "
+                f"{manifest['geometric_fingerprint']}"
+            )
+        return encoder, None
+
+    @torch.no_grad()
+    def _fit_depth_probe(self) -> tuple[dict[str, torch.Tensor], str | None]:
+        """The depth probe's weights (empty when there is none) and a note on why not."""
+        if not self.args.depth_probe:
+            return {}, "no depth errors: distill.depth_probe=false"
+        if not self.cache.has("generated"):
+            return (
+                {},
+                "no depth errors: the cache holds no generated frames (cache.keep_generated=false)",
+            )
+        encoder, note = self._depth_encoder
+        if encoder is None:
+            return {}, note
+        grid = self.decouplers.geometric.target_grid
+        ridge = RidgeRegression(
+            self.decouplers.geometric.target_dim, DEPTH_SUBPATCH**2, self.device
+        )
+        loader = self._loader(
+            "train",
+            ["geometric", "generated"],
+            shuffle=False,
+            max_clips=self.args.depth_probe_clips,
+        )
+        for batch in tqdm(
+            loader, desc="distill: depth probe", disable=not self.is_main, leave=False
+        ):
+            depth = encoder.depth(batch["generated"])
+            tokens = batch["geometric"].to(self.device).float()
+            ridge.update(tokens.flatten(0, 2), depth_patches(depth, grid).flatten(0, 2))
+        self._reduce(ridge.statistics())
+        weight, bias = ridge.solve(self.args.probe_ridge)
+        return {"depth.weight": weight, "depth.bias": bias}, None
+
+    def _baselines(self) -> None:
+        """Fit (or load, when this config already fitted them) the linear probes, the target
+        variances and the depth probe."""
+        path = self.paths.work / BASELINES_NAME
+        fitted = None
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == self.key:
+                fitted = saved
+        if fitted is None:
+            fitted = {**self._fit_linear_probes(), "key": self.key}
+            depth, note = self._fit_depth_probe()
+            fitted.update(depth, depth_note=note or "")
+            if self.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(fitted, path.with_name(path.name + ".tmp"))
+                path.with_name(path.name + ".tmp").replace(path)
+        configs = self.decouplers.branches()
+        on_device = {k: v.to(self.device) for k, v in fitted.items() if isinstance(v, torch.Tensor)}
+        self.probes = {
+            b: LinearProbe(on_device[f"{b}.weight"], on_device[f"{b}.bias"], cfg.target_grid)
+            for b, cfg in configs.items()
+        }
+        self.variance = {b: float(fitted[f"{b}.variance"]) for b in configs}
+        self.probe_clips = int(fitted["train_clips"])
+        self.notes = [fitted["depth_note"]] if fitted["depth_note"] else []
+        self.depth_probe = None
+        if "depth.weight" in fitted:
+            encoder, note = self._depth_encoder  # built again on a resume: it can fail there
+            if encoder is None:
+                self.notes.append(note)
+            else:
+                grid = self.decouplers.geometric.target_grid
+                weight, bias = on_device["depth.weight"], on_device["depth.bias"]
+                self.depth_probe = DepthProbe(weight, bias, grid)
+
+    # -------------------------------------------------------------------------------- run
+
+    def train(self) -> Path:
+        args = self.args
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),
+        )
+        self.accelerator, self.device = accelerator, accelerator.device
+        self.is_main = accelerator.is_main_process
+        set_seed(self.config.run.seed, device_specific=True)
+        if self.is_main:
+            RunDir.from_config(self.config).save_config(self.config, "distill")
+            self.paths.work.mkdir(parents=True, exist_ok=True)
+            for stale in self.paths.work.glob("*/*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if self.mode == ON_THE_FLY:
+            self._load_teacher()
+        features, source = self._feature_shape()
+        self.decouplers = resolve_decouplers(
+            self.config.decouplers, self.cache, features, source, args.dims_from_cache
+        )
+        self.frames = self.decouplers.semantic.num_frames
+        self.total_steps = self._total_steps()
+        self._announce(features)
+        self.writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(RunDir.from_config(self.config).tb / "distill"))
+        self._baselines()
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.run.seed)
+            model = DecouplerPair(build_decouplers(self.decouplers)).train()
+        from diffusers.optimization import get_scheduler
+
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+        )
+        # accelerate steps a prepared LR scheduler once per process per optimizer step.
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+        )
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            model, optimizer, lr_scheduler
+        )
+        step, micro_step = self._resume()
+        stream = iter(
+            self._loader(
+                "train",
+                [*TARGETS, self.feature_array],
+                shuffle=True,
+                shuffle_buffer=self.loader_settings["shuffle_buffer"],
+                repeat=True,
+            )
+        )
+        for _ in range(micro_step):  # the batches the checkpoint had already consumed
+            next(stream)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc="distill",
+            unit="step",
+            disable=not self.is_main,
+        )
+        window: dict[str, list[float]] = defaultdict(list)
+        tick, clips, waited = time.perf_counter(), 0, 0.0
+        while step < self.total_steps:
+            start = time.perf_counter()
+            batch = next(stream)
+            waited += time.perf_counter() - start
+            self.timing["data"] += time.perf_counter() - start
+            for name, value in self._micro_step(batch).items():
+                window[name].append(value)
+            micro_step += 1
+            clips += len(batch["key"])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            accumulated = window["train/loss"][-args.gradient_accumulation_steps :]
+            self.history.append(sum(accumulated) / len(accumulated))
+            progress.update(1)
+            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
+            last = step == self.total_steps
+            if step % args.log_every == 0 or last:
+                elapsed = time.perf_counter() - tick
+                scalars = {name: sum(v) / len(v) for name, v in window.items()}
+                scalars["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+                scalars["train/clips_per_s"] = clips * accelerator.num_processes / elapsed
+                scalars["train/data_wait_fraction"] = waited / elapsed
+                self._log(step, scalars)
+            if step % args.eval_every == 0 or last:
+                self._validate(step)
+            if step % args.checkpoint_every == 0 or last:
+                self._save_checkpoint(step, micro_step)
+            if step % args.log_every == 0 or last:  # throughput windows leave eval time out
+                window.clear()
+                tick, clips, waited = time.perf_counter(), 0, 0.0
+        progress.close()
+        return self._finish(step)
+
+    def _total_steps(self) -> int:
+        args = self.args
+        if args.epochs is None:
+            return args.steps
+        per_step = (
+            args.batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+        )
+        return max(1, math.ceil(args.epochs * len(self.cache.members("train")) / per_step))
+
+    def _announce(self, features: tuple[int, int]) -> None:
+        if not self.is_main:
+            return
+        if self.mode == CACHED:
+            where = f"read from the cache ({self.cache.root})"
+        else:
+            where = (
+                f"computed on the fly by the teacher at {self.paths.teacher} (the cache holds none "
+                "or distill.onestep=on-the-fly), fresh noise per clip and epoch"
+            )
+        dims = "; ".join(
+            f"{name} -> {cfg.target_tokens} x {cfg.target_dim} ({cfg.encoder})"
+            for name, cfg in self.decouplers.branches().items()
+        )
+        counts = {split: len(self.cache.members(split)) for split in ("train", "val")}
+        tqdm.write(
+            f"distill: one-step features {where}\n"
+            f"distill: {features[0]}-channel {features[1]}x{features[1]} features of "
+            f"{self.frames} frames; {dims}\n"
+            f"distill: {counts['train']} train / {counts['val']} val clips; {self.total_steps} "
+            f"steps of {self.args.batch_size} clips x {self.accelerator.num_processes} process(es)"
+        )
+
+    def _loss(
+        self, preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        args = self.args
+        total, parts = 0.0, {}
+        for name, pred in preds.items():
+            pred, target = pred.float(), targets[name]
+            nmse = F.mse_loss(pred, target) / self.variance[name]
+            cosine = F.cosine_similarity(pred, target, dim=-1).mean()
+            total = total + args.mse_weight * nmse + args.cosine_weight * (1 - cosine)
+            parts[f"train/{name}/nmse"] = nmse.item()
+            parts[f"train/{name}/cosine"] = cosine.item()
+        parts["train/loss"] = total.item()
+        return total, parts
+
+    def _micro_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        accelerator = self.accelerator
+        features = self._features(batch)
+        start = time.perf_counter()
+        targets, references = self._targets(batch)
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                preds = self.model(features, references)
+            loss, parts = self._loss(preds, targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.args.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.timing["step"] += time.perf_counter() - start
+        return parts
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        for name, value in scalars.items():
+            self.metrics.setdefault(name, {})[step] = value
+            self.writer.add_scalar(name, value, step)
+
+    # --------------------------------------------------------------------------- evaluation
+
+    def _score(self, result: dict[str, list[float]]) -> float:
+        """The validation counterpart of the loss: weighted NMSE + cosine distance, averaged."""
+        means = _means(result)
+        return self.args.mse_weight * means["nmse"] + self.args.cosine_weight * (
+            1 - means["cosine"]
+        )
+
+    @torch.no_grad()
+    def _evaluate(self, models: dict[str, Decoupler], max_clips: int | None, final: bool) -> dict:
+        """Fidelity on the validation split: {branch: {method: {metric: per-frame list}}}, plus
+        'depth' when final and a depth probe exists. Every process evaluates its share."""
+        methods = METHODS if final else ("decoupler",)
+        with_depth = final and self.depth_probe is not None
+        arrays = [*TARGETS, self.feature_array] + (["generated"] if with_depth else [])
+        loader = self._loader("val", arrays, shuffle=False, max_clips=max_clips)
+        tokens = {
+            name: {m: TokenFidelity(self.frames, cfg.target_dim).to(self.device) for m in methods}
+            for name, cfg in self.decouplers.branches().items()
+        }
+        depth_methods = (*METHODS, "targets")
+        depth = {m: DepthFidelity(self.frames).to(self.device) for m in depth_methods}
+        clips = SumMetric().to(self.device)
+        for batch in tqdm(loader, desc="distill: fidelity", disable=not self.is_main, leave=False):
+            clips.update(len(batch["key"]))
+            features = self._features(batch)
+            targets, references = self._targets(batch)
+            guesses: dict[str, dict[str, torch.Tensor]] = {}
+            for name, model in models.items():
+                with self.accelerator.autocast():
+                    pred = model(features, references[name] if model.config.reference else None)
+                guesses[name] = {"decoupler": pred.float()}
+                if final:
+                    guesses[name]["nothing_moves"] = references[name][:, None].expand_as(
+                        targets[name]
+                    )
+                    guesses[name]["linear_probe"] = self.probes[name](features)
+                for method, guess in guesses[name].items():
+                    tokens[name][method].update(guess, targets[name])
+            if with_depth:
+                grid = self.depth_probe.grid
+                truth = depth_map(
+                    depth_patches(self._depth_encoder[0].depth(batch["generated"]), grid), grid
+                )
+                decoded = {**guesses["geometric"], "targets": targets["geometric"]}
+                for method, guess in decoded.items():
+                    depth[method].update(self.depth_probe(guess), truth)
+        results: dict[str, Any] = {
+            name: {
+                m: {k: v.tolist() for k, v in metric.compute().items()}
+                for m, metric in by_method.items()
+            }
+            for name, by_method in tokens.items()
+        }
+        results["clips"] = int(clips.compute())
+        if with_depth:
+            results["depth"] = {
+                m: {k: v.tolist() for k, v in metric.compute().items()}
+                for m, metric in depth.items()
+            }
+        return results
+
+    def _validate(self, step: int) -> None:
+        """Validation fidelity of the current weights; keep each branch's best decoupler."""
+        models = dict(self.accelerator.unwrap_model(self.model).branches.items())
+        for model in models.values():
+            model.eval()
+        results = self._evaluate(models, self.args.eval_clips, final=False)
+        for model in models.values():
+            model.train()
+        scalars = {}
+        for name in BRANCHES:
+            score = self._score(results[name]["decoupler"])
+            means = _means(results[name]["decoupler"])
+            scalars.update(
+                {
+                    f"val/{name}/score": score,
+                    f"val/{name}/cosine": means["cosine"],
+                    f"val/{name}/nmse": means["nmse"],
+                }
+            )
+            best = self.best[name]
+            if best["score"] is None or score < best["score"]:
+                self.best[name] = {"score": score, "step": step}
+                if self.is_main:
+                    _save_atomic(models[name], self.paths.work / "best" / name)
+        self._log(step, scalars)
+        self.accelerator.wait_for_everyone()
+
+    # -------------------------------------------------------------------------- checkpoints
+
+    def _state_record(self, step: int, micro_step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "micro_step": micro_step,
+            "best": self.best,
+            "decouplers": to_dict(self.decouplers),
+            "cache": hashlib.sha256(self.cache.manifest_path.read_bytes()).hexdigest(),
+            "onestep": self.mode,
+            "num_processes": self.accelerator.num_processes,
+            "batch_size": self.args.batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "seed": self.config.run.seed,
+            **self.loader_settings,
+        }
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.paths.work / "checkpoints"
+
+    def _save_checkpoint(self, step: int, micro_step: int) -> None:
+        accelerator = self.accelerator
+        final = self.checkpoint_dir / f"checkpoint-{step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if self.is_main:
+            record = self._state_record(step, micro_step)
+            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            done = sorted(self._checkpoints())
+            for _, old in done[: max(len(done) - self.args.checkpoints_total_limit, 0)]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for path in self.checkpoint_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and (path / TRAIN_STATE_NAME).is_file():
+                found.append((int(match.group(1)), path))
+        return found
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the checkpoint `distill.resume` names; (step, micro step) to go on from."""
+        self.best = {name: {"score": None, "step": None} for name in BRANCHES}
+        resume = self.args.resume
+        if resume is None:
+            return 0, 0
+        if resume == "latest":
+            found = self._checkpoints()
+            if not found:
+                return 0, 0
+            path = max(found)[1]
+        else:
+            path = Path(resume)
+        state_path = path / TRAIN_STATE_NAME
+        if not state_path.is_file():
+            raise DistillError(f"{path}: not a complete checkpoint ({TRAIN_STATE_NAME} missing)")
+        state = json.loads(state_path.read_text())
+        expected = self._state_record(state["step"], state["micro_step"])
+        for key, value in expected.items():
+            if key not in ("step", "micro_step", "best") and state.get(key) != value:
+                shown = "a different config" if key == "decouplers" else state.get(key)
+                now = "this one" if key == "decouplers" else value
+                raise DistillError(
+                    f"{path}: written with {key}={shown}, this run has {now}; set "
+                    "distill.resume=null (or another distill.output_dir) to start over"
+                )
+        self.accelerator.load_state(str(path))
+        self.best = state["best"]
+        if self.is_main:
+            tqdm.write(f"distill: resumed from {path} (step {state['step']})")
+        return state["step"], state["micro_step"]
+
+    # ------------------------------------------------------------------------------- finish
+
+    def _finish(self, step: int) -> Path:
+        """Evaluate the best decouplers against the baselines; write the output directory."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        best_dir = self.paths.work / "best"
+        models = {
+            name: Decoupler.from_pretrained(best_dir / name, device=self.device).eval()
+            for name in BRANCHES
+        }
+        results = self._evaluate(models, None, final=True)
+        if self.is_main:
+            report = self._report(results, step)
+            self._write_output(report)
+            self._log_report(report)
+            tqdm.write(markdown(report))
+            tqdm.write(f"distill: decouplers and fidelity report -> {self.paths.output}")
+            self.writer.close()
+        accelerator.wait_for_everyone()
+        return self.paths.output
+
+    def _report(self, results: dict, step: int) -> dict:
+        report = {
+            "cache": str(self.cache.root),
+            "clips": results["clips"],
+            "frames": self.frames,
+            "onestep": f"{self.mode} ({'the cache' if self.mode == CACHED else self.paths.teacher})",
+            "probe": (
+                f"closed-form ridge (strength {self.args.probe_ridge} x mean feature energy) on "
+                f"{self.probe_clips} train clips"
+            ),
+            "steps": step,
+            "branches": {},
+            "notes": list(self.notes),
+        }
+        for name, cfg in self.decouplers.branches().items():
+            report["branches"][name] = {
+                "encoder": cfg.encoder,
+                "best_step": self.best[name]["step"],
+                **branch_report(results[name]),
+            }
+        if "depth" in results:
+            report["depth"] = {
+                "methods": results["depth"],
+                "about": (
+                    "a linear probe from a geometric token to the log depth of its patch, fitted "
+                    "on train clips against Depth Anything 3's depth of the generated frames, "
+                    "decodes every row; the truth is DA3's depth of the generated frames, and the "
+                    "'targets' row (the true tokens decoded) is the floor the probe itself sets"
+                ),
+            }
+        for name in BRANCHES:
+            if not report["branches"][name]["beats_baselines"]:
+                beaten_by = [
+                    b for b in BASELINES if not report["branches"][name]["versus"][b]["beats"]
+                ]
+                report["notes"].append(
+                    f"the {name} decoupler does not beat: {', '.join(beaten_by)}"
+                )
+        return report
+
+    def _write_output(self, report: dict) -> None:
+        output = self.paths.output
+        tmp = output.with_name(output.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in BRANCHES:
+            shutil.copytree(self.paths.work / "best" / name, tmp / name)
+        (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "fidelity.md").write_text(markdown(report))
+        record = {
+            "key": self.key,
+            "steps": report["steps"],
+            "best_steps": {name: self.best[name]["step"] for name in BRANCHES},
+            "onestep": self.mode,
+            "cache": str(self.cache.root),
+            "teacher_fingerprint": self.cache.manifest["teacher_fingerprint"],
+            "encoders": {name: cfg.encoder for name, cfg in self.decouplers.branches().items()},
+        }
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(output, ignore_errors=True)
+        tmp.rename(output)
+
+    def _log_report(self, report: dict) -> None:
+        """Fidelity as tensorboard scalars over the frame index (the horizon is the x axis)."""
+        for name, result in report["branches"].items():
+            for method, metrics in result["methods"].items():
+                for metric, values in metrics.items():
+                    for t, value in enumerate(values):
+                        self.writer.add_scalar(f"fidelity/{name}/{metric}/{method}", value, t)
+        for method, metrics in report.get("depth", {}).get("methods", {}).items():
+            for metric, values in metrics.items():
+                for t, value in enumerate(values):
+                    self.writer.add_scalar(f"fidelity/depth/{metric}/{method}", value, t)
+
+
+# ---------------------------------------------------------------------------------- the stage
+
+
+def distill(config: Config, out_dir: str | Path | None = None) -> Path:
+    """`svam distill`: train both decouplers on the run's teacher cache; returns the decoupler
+    directory (default `runs/<name>/decouplers`)."""
+    if out_dir is not None:
+        config.distill.output_dir = str(out_dir)
+    return Distiller(config, distill_paths(config)).train()

@@ -1,0 +1,232 @@
+"""Teacher-cache samples streamed by split: what `svam distill` trains the decouplers on.
+
+A teacher cache (`svam cache-teachers`) holds one sample per clip: the multi-step targets, the
+reference tokens of the real current frame, optionally the one-step features and the generated
+frames, and the real clip. Shards are named by split (`train-00000.tar`, `val-00000.tar`).
+Streaming (readers, seeded shuffle buffer, epochs) is `svam.data.streaming.ShardStream`'s.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from svam.data.schema import TEACHER_CACHE, SchemaError
+from svam.data.shards import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    ShardSet,
+    read_shard,
+    shard_record,
+    tar_writer,
+    write_json_atomic,
+)
+from svam.data.streaming import ShardStream, evenly_spaced
+
+SPLITS = ("train", "val")
+CURRENT = "current"
+"""Item name of the real current frame (3, H, W) uint8, i.e. `frames[0]`, without the rest."""
+TARGETS = ("semantic", "geometric", "semantic_ref", "geometric_ref")
+VIDEO_ARRAYS = ("frames", "generated")
+"""Stored (T, H, W, 3); items carry them channels-first, (T, 3, H, W)."""
+
+
+@dataclass
+class TeacherCache:
+    """A complete teacher-cache shard set and what its manifest and first sample tell."""
+
+    shard_set: ShardSet
+
+    @classmethod
+    def open(cls, root: str | Path, verify: bool = True) -> TeacherCache:
+        root = Path(root)
+        if not root.is_dir():
+            raise SchemaError(
+                f"no teacher cache at {root}: run `svam cache-teachers` first, or point "
+                "distill.cache at a teacher-cache directory"
+            )
+        if not (root / MANIFEST_NAME).is_file():
+            raise SchemaError(
+                f"{root} has no {MANIFEST_NAME}: `svam cache-teachers` has not finished there "
+                "(run it again; it resumes)"
+            )
+        return cls(ShardSet.open(root, kind=TEACHER_CACHE.kind, verify=verify))
+
+    @property
+    def root(self) -> Path:
+        return self.shard_set.root
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.shard_set.manifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def members(self, split: str) -> list[tuple[str, str]]:
+        """(shard name, sample key) of every sample of a split, in manifest order."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        return [
+            (shard["name"], key)
+            for shard in self.manifest["shards"]
+            if shard["name"].startswith(f"{split}-")
+            for key in shard["keys"]
+        ]
+
+    @cached_property
+    def first_sample(self) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
+        """The first sample of the set: which optional arrays it holds, and their shapes."""
+        for path in self.shard_set.shard_paths:
+            for sample in read_shard(path, TEACHER_CACHE):
+                return sample
+        raise SchemaError(f"{self.manifest_path}: the cache holds no samples")
+
+    def has(self, array: str) -> bool:
+        """Whether the samples hold `array` (optional arrays are in all samples or in none)."""
+        return array in self.first_sample[1]
+
+
+class TeacherCacheClips(ShardStream):
+    """Stream the clips of one split of a teacher cache as dicts of tensors.
+
+    `arrays` picks what an item carries besides `key`, `task`, `instruction` and `epoch` (the
+    pass it comes from, which seeds per-epoch randomness such as on-the-fly one-step noise):
+    names of cache arrays (float16 tokens and features stay float16; videos become
+    (T, 3, H, W) uint8) and `current`, the real current frame alone. `max_clips` takes that many
+    clips evenly over the split, the same ones on every rank and worker count.
+    """
+
+    def __init__(
+        self,
+        cache: TeacherCache | str | Path,
+        split: str,
+        *,
+        arrays: Sequence[str] = TARGETS,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        shuffle_buffer: int = 256,
+        repeat: bool = False,
+        max_clips: int | None = None,
+    ):
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
+        known = (*TEACHER_CACHE.arrays, CURRENT)
+        for name in arrays:
+            if name not in known:
+                raise ValueError(
+                    f"unknown teacher-cache array '{name}' (one of {', '.join(known)})"
+                )
+            if name != CURRENT and not self.cache.has(name):
+                raise SchemaError(
+                    f"{self.cache.manifest_path}: the cache holds no '{name}' arrays"
+                    + (" (it was made with cache.keep_onestep=false)" if name == "onestep" else "")
+                )
+        self.arrays = tuple(arrays)
+        self.split = split
+        members = evenly_spaced(self.cache.members(split), max_clips)
+        if not members:
+            raise SchemaError(f"{self.cache.manifest_path}: the cache holds no {split} clips")
+        super().__init__(
+            self.cache.root,
+            TEACHER_CACHE,
+            members,
+            seed=seed,
+            shuffle=split == "train" if shuffle is None else shuffle,
+            shuffle_buffer=shuffle_buffer,
+            repeat=repeat,
+        )
+
+    def __len__(self) -> int:
+        """Clips in one pass over the split (all readers together)."""
+        return len(self.members)
+
+    def items(self, key, arrays, meta, epoch) -> Iterator[dict[str, Any]]:
+        item: dict[str, Any] = {
+            "key": key,
+            "task": meta["task"],
+            "instruction": meta["instruction"],
+            "epoch": epoch,
+        }
+        for name in self.arrays:
+            if name == CURRENT:
+                item[name] = torch.from_numpy(arrays["frames"][0]).permute(2, 0, 1)
+            elif name in VIDEO_ARRAYS:
+                item[name] = torch.from_numpy(arrays[name]).permute(0, 3, 1, 2)
+            else:
+                item[name] = torch.from_numpy(arrays[name])
+        yield item
+
+
+def teacher_cache_loader(
+    cache: TeacherCache | str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    **dataset_options: Any,
+) -> DataLoader:
+    """Batches of `TeacherCacheClips` items: tensors stacked on a leading batch dim, `key`, `task`
+    and `instruction` as lists, `epoch` as a tensor."""
+    dataset = TeacherCacheClips(cache, split, **dataset_options)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def write_teacher_cache(
+    out_dir: str | Path,
+    samples: Iterable[tuple[str, dict[str, np.ndarray], dict[str, Any]]],
+    *,
+    clips_per_shard: int,
+    **manifest_fields: Any,
+) -> Path:
+    """Write (key, arrays, meta) samples as a complete teacher-cache shard set, split by
+    `meta['split']` into `<split>-NNNNN.tar` shards, with a manifest of `manifest_fields` plus the
+    schema, shard records and counts. For synthetic caches (tests, benchmarks); the real cache is
+    written by `teachers.cache`, resumable and across ranks."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    by_split: dict[str, list] = {split: [] for split in SPLITS}
+    for key, arrays, meta in samples:
+        by_split[meta["split"]].append(TEACHER_CACHE.encode(key, arrays, meta))
+    records = []
+    for split, encoded in by_split.items():
+        for index, first in enumerate(range(0, len(encoded), clips_per_shard)):
+            path = partial / f"{split}-{index:05d}.tar"
+            chunk = encoded[first : first + clips_per_shard]
+            with tar_writer(path) as tar:
+                for sample in chunk:
+                    tar.write(sample)
+            records.append(shard_record(path, [sample["__key__"] for sample in chunk]))
+    counts = Counter({split: len(encoded) for split, encoded in by_split.items()})
+    manifest = {
+        "kind": TEACHER_CACHE.kind,
+        "schema_version": TEACHER_CACHE.version,
+        "schema": TEACHER_CACHE.describe(),
+        "num_samples": sum(counts.values()),
+        "shards": records,
+        "counts": dict(counts),
+        **manifest_fields,
+    }
+    write_json_atomic(partial / MANIFEST_NAME, manifest)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
