@@ -20,9 +20,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Every benchmark, one after the other (the reader's reads the tiny run's episodes).
 bench: install
-	$(VENV)/bin/python scripts/bench_collect.py
-	$(VENV)/bin/python scripts/bench_reader.py
+	$(VENV)/bin/svam collect
+	for script in scripts/bench_*.py; do $(VENV)/bin/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

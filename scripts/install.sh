@@ -44,6 +44,6 @@ PY
 $pip install -r "$requirements" 2> >(grep -v "^WARNING: Location" >&2)
 $pip install --no-deps "depth-anything-3==0.1.1" "evo==1.38.1" 2> >(grep -v "^WARNING: Location" >&2)
 $pip install --no-deps -e . 2> >(grep -v "^WARNING: Location" >&2)
-"$venv/bin/python" -c "import svam, teachers, distill, policy, depth_anything_3.api, metaworld, timm, diffusers" 2>/dev/null \
+"$venv/bin/python" -c "import svam, teachers, distill, policy, depth_anything_3.api, metaworld, timm, diffusers" >/dev/null 2>&1 \
   || { echo "install: the environment in $venv does not import; see the pip output above" >&2; exit 1; }
 echo "install: ready ($venv)"
