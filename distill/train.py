@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -64,12 +63,11 @@ from distill.fidelity import (
     markdown,
 )
 from distill.modeling_decoupler import Decoupler, build_decouplers
+from svam.checkpoints import CheckpointDir
 from svam.config import Config, to_dict
 from svam.data.teacher_cache import CURRENT, TARGETS, TeacherCache, teacher_cache_loader
 from svam.rundir import RunDir
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAIN_STATE_NAME = "train_state.json"
 RECORD_NAME = "distill.json"
 BASELINES_NAME = "baselines.pt"
 CACHED, ON_THE_FLY = "cached", "on-the-fly"
@@ -294,6 +292,9 @@ class Distiller:
     def __init__(self, config: Config, paths: DistillPaths):
         config.distill.validate()
         self.config, self.args, self.paths = config, config.distill, paths
+        self.checkpoints = CheckpointDir(
+            paths.work / "checkpoints", self.args.checkpoints_total_limit
+        )
         self.cache = TeacherCache.open(paths.cache)
         self.mode = onestep_mode(config, self.cache)
         self.key = training_key(config, self.cache, self.mode)
@@ -812,56 +813,19 @@ class Distiller:
             **self.loader_settings,
         }
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.paths.work / "checkpoints"
-
     def _save_checkpoint(self, step: int, micro_step: int) -> None:
-        accelerator = self.accelerator
-        final = self.checkpoint_dir / f"checkpoint-{step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if self.is_main:
-            record = self._state_record(step, micro_step)
-            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            done = sorted(self._checkpoints())
-            for _, old in done[: max(len(done) - self.args.checkpoints_total_limit, 0)]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    def _checkpoints(self) -> list[tuple[int, Path]]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = []
-        for path in self.checkpoint_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(path.name)
-            if match and (path / TRAIN_STATE_NAME).is_file():
-                found.append((int(match.group(1)), path))
-        return found
+        self.checkpoints.save(self.accelerator, step, self._state_record(step, micro_step))
 
     def _resume(self) -> tuple[int, int]:
         """Load the checkpoint `distill.resume` names; (step, micro step) to go on from."""
         self.best = {name: {"score": None, "step": None} for name in BRANCHES}
-        resume = self.args.resume
-        if resume is None:
+        try:
+            found = self.checkpoints.to_resume(self.args.resume)
+        except FileNotFoundError as exc:
+            raise DistillError(str(exc)) from exc
+        if found is None:
             return 0, 0
-        if resume == "latest":
-            found = self._checkpoints()
-            if not found:
-                return 0, 0
-            path = max(found)[1]
-        else:
-            path = Path(resume)
-        state_path = path / TRAIN_STATE_NAME
-        if not state_path.is_file():
-            raise DistillError(f"{path}: not a complete checkpoint ({TRAIN_STATE_NAME} missing)")
-        state = json.loads(state_path.read_text())
+        path, state = found
         expected = self._state_record(state["step"], state["micro_step"])
         for key, value in expected.items():
             if key not in ("step", "micro_step", "best") and state.get(key) != value:

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +36,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
+from svam.checkpoints import CheckpointDir, replace_dir
 from svam.config import Config, to_dict
 from svam.rundir import RunDir
 from teachers.modeling_teacher import (
@@ -46,9 +46,6 @@ from teachers.modeling_teacher import (
     read_teacher_record,
 )
 from teachers.pipeline_teacher import TeacherPipeline
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAIN_STATE_NAME = "train_state.json"
 
 
 class TeacherTrainError(ValueError):
@@ -107,14 +104,6 @@ def clip_grid(rows: list[tuple[str, torch.Tensor]], pad: int = 2) -> np.ndarray:
     return np.asarray(image)
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    """Put the complete directory `tmp` in place of `final`: an interruption leaves the old
-    directory or none, never a partial one (`*.tmp` leftovers are removed on the next start)."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 class TeacherTrainer:
     """One training run of the teacher.
 
@@ -142,7 +131,9 @@ class TeacherTrainer:
         self.eval_batches = eval_batches
         self.output_dir = Path(output_dir)
         self.work_dir = self.output_dir.with_name(self.output_dir.name + "-train")
-        self.checkpoint_dir = self.work_dir / "checkpoints"
+        self.checkpoints = CheckpointDir(
+            self.work_dir / "checkpoints", self.args.checkpoints_total_limit
+        )
         self.tb_dir = Path(tb_dir) if tb_dir is not None else None
         self.history: list[float] = []
         """Mean training loss of every optimizer step this process ran (resumed steps excluded)."""
@@ -183,8 +174,7 @@ class TeacherTrainer:
         main = accelerator.is_main_process
         if main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.checkpoint_dir.glob("*.tmp"):
-                shutil.rmtree(stale)
+            self.checkpoints.remove_partial()
         self.writer = None
         if main and self.tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -336,7 +326,7 @@ class TeacherTrainer:
                 with quiet_libraries():
                     vae.save_pretrained(tmp)
                 (tmp / "warm_up.json").write_text(json.dumps(marker, indent=2) + "\n")
-                _atomic_replace(tmp, target)
+                replace_dir(tmp, target)
             accelerator.wait_for_everyone()
         teacher.config = dataclasses.replace(
             teacher.config, vae_scaling_factor=teacher.vae.config.scaling_factor
@@ -470,52 +460,18 @@ class TeacherTrainer:
         }
 
     def _save_checkpoint(self, step: int, micro_step: int) -> None:
-        accelerator = self.accelerator
-        final = self.checkpoint_dir / f"checkpoint-{step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
         with quiet_libraries():
-            accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            record = self._state_record(step, micro_step)
-            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            _atomic_replace(tmp, final)
-            done = sorted(self._checkpoints())
-            for _, old in done[: max(len(done) - self.args.checkpoints_total_limit, 0)]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    def _checkpoints(self) -> list[tuple[int, Path]]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = []
-        for path in self.checkpoint_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(path.name)
-            if match and (path / TRAIN_STATE_NAME).is_file():
-                found.append((int(match.group(1)), path))
-        return found
+            self.checkpoints.save(self.accelerator, step, self._state_record(step, micro_step))
 
     def _resume(self) -> tuple[int, int]:
         """Load the checkpoint `train_teacher.resume` names; (step, micro step) to go on from."""
-        resume = self.args.resume
-        if resume is None:
+        try:
+            found = self.checkpoints.to_resume(self.args.resume)
+        except FileNotFoundError as exc:
+            raise TeacherTrainError(str(exc)) from exc
+        if found is None:
             return 0, 0
-        if resume == "latest":
-            found = self._checkpoints()
-            if not found:
-                return 0, 0
-            path = max(found)[1]
-        else:
-            path = Path(resume)
-        state_path = path / TRAIN_STATE_NAME
-        if not state_path.is_file():
-            raise TeacherTrainError(
-                f"{path}: not a complete checkpoint ({TRAIN_STATE_NAME} missing)"
-            )
-        state = json.loads(state_path.read_text())
+        path, state = found
         expected = self._state_record(state["step"], state["micro_step"])
         for key in ("teacher_config_hash", "use_ema", "num_processes", "vae"):
             if state[key] != expected[key]:
