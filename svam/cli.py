@@ -25,10 +25,8 @@ class Stage:
     verb: str
     summary: str
     description: str
-    entry: str | None
-    """'module:function' taking (config, **options); None until the stage has landed."""
-    planned: str = ""
-    """For a stage that has not landed yet: what will bring it."""
+    entry: str
+    """'module:function' taking (config, **options)."""
     done: str | None = None
     """'module:function' telling whether the run already holds this stage's output for the config."""
     options: tuple[str, ...] = ()
@@ -104,18 +102,26 @@ STAGES = [
         "train-policy",
         "train the Uni-Perceiver and the diffusion action policy",
         """Trains the aggregator and the diffusion action head for one foresight mode
-        (shortcut, onestep or multistep:K) with the teacher, encoders and decouplers frozen.
-        Reads: cache/, decouplers/. Writes: runs/<name>/policy/.""",
-        None,
-        "the policy issue (#6)",
+        (train_policy.mode: shortcut, onestep or multistep:K with K the cache's steps) with the
+        teacher, encoders and decouplers frozen; streams come from the cache (one-step features,
+        decoupler foresight, cached multi-step targets). accelerate, EMA weights, tensorboard,
+        checkpoints it resumes from exactly; normalisers fitted on the train split.
+        Reads: cache/, teacher/, decouplers/. Writes: runs/<name>/policy/<mode>/ (or --out).""",
+        "policy.train:train_policy",
+        done="policy.train:is_policy_trained",
+        options=("out_dir",),
     ),
     Stage(
         "eval",
-        "measure latency, fidelity and Meta-World success across foresight modes",
-        """Closed-loop rollouts on unseen seeds and the latency-fidelity report.
-        Reads: policy/, teacher/. Writes: runs/<name>/eval/ (report.md, report.json, plots).""",
-        None,
-        "the policy (#6) and report (#7) issues",
+        "roll out trained policies in Meta-World on unseen seeds",
+        """Closed-loop rollouts of the policies of eval.modes (default: train_policy.mode) on
+        eval.tasks at seeds never used for collection, executing the first eval.execute_actions
+        actions of each chunk; success rate per task and overall, control-step latency (median,
+        p95) and a few rollouts as GIFs. Episodes run sequentially in one process.
+        Reads: policy/, teacher/ (decouplers/). Writes: runs/<name>/eval/<mode>/ (or --out).""",
+        "svam.eval.metaworld:evaluate",
+        done="svam.eval.metaworld:is_evaluated",
+        options=("out_dir",),
     ),
 ]
 STAGES_BY_VERB = {stage.verb: stage for stage in STAGES}
@@ -143,12 +149,6 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
-    if stage.entry is None:
-        print(
-            f"svam {stage.verb}: this stage has not landed yet; it comes with {stage.planned}.",
-            file=sys.stderr,
-        )
-        return 2
     config = _config_from(args)
     options = {name: getattr(args, name) for name in stage.options if getattr(args, name)}
     stage.load()(config, **options)
@@ -156,12 +156,9 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """Every landed stage in order on one run directory, skipping stages whose output is complete."""
+    """Every stage in order on one run directory, skipping stages whose output is complete."""
     config = _config_from(args)
     for stage in STAGES:
-        if stage.entry is None:
-            print(f"demo: done up to here; next comes `svam {stage.verb}` with {stage.planned}.")
-            return 0
         if stage.is_done(config):
             print(f"demo: {stage.verb}: already done for this config, skipped")
             continue
@@ -218,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub = verbs.add_parser(
             stage.verb,
-            help=stage.summary + ("" if stage.entry else " [not landed yet]"),
+            help=stage.summary,
             description=stage.summary + ".\n\n" + textwrap.dedent("        " + stage.description),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

@@ -21,6 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.configuration_decoupler import DecouplersConfig
 from distill.configuration_distill import DistillConfig
+from policy.configuration_policy import PolicyModelsConfig
+from policy.configuration_train import PolicyTrainConfig
+from svam.eval.configuration_eval import EvalConfig
 from teachers.configuration_cache import CacheConfig
 from teachers.configuration_encoders import EncodersConfig
 from teachers.configuration_teacher import TeacherConfig, TeacherTrainConfig
@@ -89,6 +92,9 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     decouplers: DecouplersConfig = field(default_factory=DecouplersConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    policy: PolicyModelsConfig = field(default_factory=PolicyModelsConfig)
+    train_policy: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

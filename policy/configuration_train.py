@@ -1,0 +1,100 @@
+"""Configuration of `svam train-policy`: training the aggregator and the action head of one
+foresight mode on a teacher cache. The models' sizes are the `policy` section
+(`PolicyModelsConfig`); this section is how they are trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policy.configuration_policy import foresight_streams
+
+ONESTEP_SOURCES = ("auto", "cached", "on-the-fly")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def mode_dirname(mode: str) -> str:
+    """A foresight mode as a directory name: `multistep:25` -> `multistep-25`."""
+    foresight_streams(mode)
+    return mode.replace(":", "-")
+
+
+@dataclass
+class PolicyTrainConfig:
+    mode: str = "shortcut"
+    """Foresight mode: shortcut (one-step features + decoupler foresight), onestep (one-step
+    features only) or multistep:K (K teacher steps, real encoders on the generated frames; trained
+    on the cache's targets, so K must be the cache's number of steps)."""
+    cache: str | None = None
+    """Teacher-cache directory; None: cache.output_dir, else the run directory's cache/."""
+    teacher: str | None = None
+    """The cache's teacher (instruction encoder, on-the-fly features, inference); None:
+    cache.teacher, else the run directory's teacher/."""
+    decouplers: str | None = None
+    """Decoupler directory (shortcut); None: distill.output_dir, else the run's decouplers/."""
+    output_dir: str | None = None
+    """Where the policy goes; None: the run directory's policy/<mode>/ (multistep:K as
+    multistep-K). Checkpoints go to a sibling `<output_dir>-train/`."""
+    onestep: str = "auto"
+    """Where one-step features come from: cached, on-the-fly (the teacher, fresh noise per clip
+    and epoch) or auto (cached when the cache holds them)."""
+    use_state: bool = True
+    """Condition the action head on the current proprioception."""
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 20
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    use_ema: bool = True
+    ema_decay: float = 0.999
+
+    num_workers: int | None = None
+    """Loader workers per process; None: data.num_workers."""
+    shuffle_buffer: int | None = None
+    """None: data.shuffle_buffer."""
+    normalizer_clips: int | None = None
+    """Train clips the action/state statistics are fitted on (evenly over the split); None: all."""
+    val_clips: int | None = 64
+    """Validation clips of the final report (denoising loss and sampled-chunk error)."""
+
+    log_every: int = 10
+    checkpoint_every: int = 100
+    checkpoints_total_limit: int = 2
+    resume: str | None = "latest"
+    """'latest' (newest checkpoint in the work dir, if any), a checkpoint directory, or None."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key."""
+        try:
+            foresight_streams(self.mode)
+        except ValueError as exc:
+            raise ValueError(f"train_policy.mode: {exc}") from exc
+        if self.onestep not in ONESTEP_SOURCES:
+            raise ValueError(
+                f"train_policy.onestep='{self.onestep}': one of {', '.join(ONESTEP_SOURCES)}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"train_policy.mixed_precision='{self.mixed_precision}': one of "
+                f"{', '.join(MIXED_PRECISION)}"
+            )
+        for key in (
+            "steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "checkpoint_every",
+            "checkpoints_total_limit",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train_policy.{key}={getattr(self, key)} must be at least 1")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"train_policy.ema_decay={self.ema_decay} must be in (0, 1)")
+        for key in ("normalizer_clips", "val_clips"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"train_policy.{key}={value} must be at least 1 (or null: all)")

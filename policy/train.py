@@ -1,0 +1,693 @@
+"""`svam train-policy`: train the Uni-Perceiver and the diffusion action head of one foresight
+mode on a teacher cache, with the teacher, the encoders and the decouplers frozen.
+
+Streams per mode, all from the cache:
+- `onestep`: the cached one-step features (or, when the cache holds none, the teacher's one-step
+  pass on the real current frame, fresh noise per clip and epoch, seeded by run seed, clip key
+  and epoch);
+- `shortcut`: those features plus the decouplers' foresight from them and the cached reference
+  tokens of the real current frame (what the policy computes at inference);
+- `multistep:N`: those features plus the cached semantic and geometric targets, i.e. the
+  encoders on the teacher's N-step generation. N must be the cache's number of steps: other K
+  would need the teacher to generate every clip on the fly, which this trainer does not do.
+
+The instruction is embedded by the teacher's frozen CLIP text encoder (computed once per
+distinct instruction). Actions and the current state are normalised with statistics of the train
+split, saved with the policy. accelerate (mixed precision, DDP), EMA weights (diffusers EMAModel,
+the saved policy's weights), tensorboard scalars under `<run>/tb/policy/<mode>/`, checkpoints
+that resume exactly (model, optimizer, LR schedule, EMA, RNG states and the data position).
+
+Layout: `<output_dir>/` (a ShortcutPolicy directory plus `train_policy.json`), default
+`runs/<name>/policy/<mode>/`; `<output_dir>-train/checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from policy.configuration_policy import AggregatorConfig, PolicyModelsConfig, StreamConfig
+from policy.configuration_train import mode_dirname
+from policy.modeling_policy import (
+    BRANCHES,
+    PolicyNet,
+    ShortcutPolicyConfig,
+    features_to_tokens,
+    file_fingerprint,
+    multistep_steps,
+    save_policy,
+)
+from svam.checkpoints import CheckpointDir
+from svam.config import Config, to_dict
+from svam.data.teacher_cache import CURRENT, TeacherCache, teacher_cache_loader
+from svam.rundir import RunDir
+
+RECORD_NAME = "train_policy.json"
+CACHED, ON_THE_FLY = "cached", "on-the-fly"
+NOT_IN_KEY = (
+    "cache",
+    "teacher",
+    "decouplers",
+    "output_dir",
+    "resume",
+    "log_every",
+    "checkpoint_every",
+    "checkpoints_total_limit",
+    "val_clips",
+)
+
+
+class PolicyTrainError(ValueError):
+    """A policy-training setup that cannot run; the message is one line naming the key or file."""
+
+
+@dataclass(frozen=True)
+class PolicyPaths:
+    cache: Path
+    teacher: Path
+    decouplers: Path
+    output: Path
+
+    @property
+    def work(self) -> Path:
+        return self.output.with_name(self.output.name + "-train")
+
+
+def policy_paths(config: Config) -> PolicyPaths:
+    run, args = RunDir.from_config(config), config.train_policy
+    return PolicyPaths(
+        cache=Path(args.cache or config.cache.output_dir or run.cache),
+        teacher=Path(args.teacher or config.cache.teacher or run.teacher),
+        decouplers=Path(args.decouplers or config.distill.output_dir or run.decouplers),
+        output=Path(args.output_dir or run.policy / mode_dirname(args.mode)),
+    )
+
+
+def onestep_source(config: Config, cache: TeacherCache) -> str:
+    wanted, cached = config.train_policy.onestep, cache.has("onestep")
+    if wanted == CACHED and not cached:
+        raise PolicyTrainError(
+            f"train_policy.onestep=cached but {cache.manifest_path} holds no one-step features "
+            "(made with cache.keep_onestep=false): use train_policy.onestep=auto or on-the-fly"
+        )
+    if wanted == "auto":
+        return CACHED if cached else ON_THE_FLY
+    return wanted
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loader_settings(config: Config) -> dict[str, int]:
+    args, data = config.train_policy, config.data
+    return {
+        "num_workers": data.num_workers if args.num_workers is None else args.num_workers,
+        "shuffle_buffer": data.shuffle_buffer
+        if args.shuffle_buffer is None
+        else args.shuffle_buffer,
+    }
+
+
+def _decoupler_fingerprints(paths: PolicyPaths) -> dict[str, str]:
+    return {b: file_fingerprint(paths.decouplers / b / "model.safetensors") for b in BRANCHES}
+
+
+def training_key(config: Config, cache: TeacherCache, source: str, paths: PolicyPaths) -> str:
+    """What the trained policy depends on: model and training settings (paths, resumption and
+    logging left out), the run seed, the cache manifest, the one-step source and, for a
+    shortcut policy, the decouplers' weights."""
+    args = config.train_policy
+    settings = {k: v for k, v in to_dict(args).items() if k not in NOT_IN_KEY}
+    parts: dict[str, Any] = {
+        "policy": to_dict(config.policy),
+        "train_policy": {**settings, **_loader_settings(config)},
+        "seed": config.run.seed,
+        "cache": hashlib.sha256(cache.manifest_path.read_bytes()).hexdigest(),
+        "onestep": source,
+    }
+    if args.mode == "shortcut":
+        parts["decouplers"] = _decoupler_fingerprints(paths)
+    if source == ON_THE_FLY:
+        teacher = config.teacher
+        parts["features"] = [
+            teacher.feature_up_blocks,
+            teacher.feature_sigma,
+            teacher.feature_upsample,
+        ]
+    return _hash(parts)
+
+
+def is_policy_trained(config: Config) -> bool:
+    """Whether the run already holds a policy trained with this config (and mode)."""
+    paths = policy_paths(config)
+    try:
+        cache = TeacherCache.open(paths.cache, verify=False)
+        record = json.loads((paths.output / RECORD_NAME).read_text())
+        key = training_key(config, cache, onestep_source(config, cache), paths)
+        return record.get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def _clip_generator(run_seed: int, key: str, epoch: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{run_seed}/{key}/policy-onestep/{epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def resolve_models(
+    section: PolicyModelsConfig,
+    mode: str,
+    cache: TeacherCache,
+    features: tuple[int, int],
+    text: tuple[int, int],
+    use_state: bool,
+) -> PolicyModelsConfig:
+    """The policy's model configs with every data dim taken from the cache, the one-step features
+    ((channels, grid side)) and the text encoder ((tokens, dim)); the sizes (depths, widths,
+    pooling, schedule) are the section's."""
+    manifest, where = cache.manifest, cache.manifest_path
+    _, arrays, _ = cache.first_sample
+    horizon, action_dim = arrays["actions"].shape
+    dims = {"onestep": (features[1] ** 2, features[0])}
+    for branch in BRANCHES:
+        tokens, dim = manifest["dims"][branch]
+        dims[branch] = (tokens, dim)
+    try:
+        return models_for(
+            section,
+            mode,
+            dims,
+            frames=manifest["dims"]["clip_frames"],
+            action=(int(horizon), int(action_dim)),
+            state_dim=int(arrays["state"].shape[-1]) if use_state else 0,
+            text=text,
+        )
+    except ValueError as exc:
+        raise PolicyTrainError(f"policy: {exc} (dims from {where})") from exc
+
+
+def models_for(
+    section: PolicyModelsConfig,
+    mode: str,
+    dims: dict[str, tuple[int, int]],
+    *,
+    frames: int,
+    action: tuple[int, int],
+    state_dim: int,
+    text: tuple[int, int],
+) -> PolicyModelsConfig:
+    """The section's models for a mode, with data dims: `dims` maps each stream to (tokens per
+    frame, dim); `action` is (horizon, action_dim); `text` is (tokens, dim)."""
+    configured = {s.name: s for s in section.aggregator.streams}
+    streams = []
+    for name in AggregatorConfig().for_mode(mode).stream_names:
+        tokens, dim = dims[name]
+        side = math.isqrt(tokens)
+        if side**2 != tokens:
+            raise ValueError(
+                f"the {name} tokens ({tokens} per frame) are not a square grid (a cache made "
+                "with encoders.geometric_camera_token=true?)"
+            )
+        max_grid = configured.get(name, StreamConfig(name)).max_grid
+        if max_grid is not None and side > max_grid and side % max_grid:
+            max_grid = math.gcd(side, max_grid)  # the largest grid that pools evenly
+        streams.append(StreamConfig(name, dim=dim, tokens=tokens, max_grid=max_grid))
+    aggregator = dataclasses.replace(section.aggregator, streams=streams, num_frames=frames)
+    head = dataclasses.replace(
+        section.action_head,
+        horizon=action[0],
+        action_dim=action[1],
+        cond_dim=aggregator.dim,
+        cond_tokens=aggregator.num_tokens,
+        text_tokens=text[0],
+        text_dim=text[1],
+        state_dim=state_dim,
+    )
+    models = PolicyModelsConfig(aggregator, head, dataclasses.replace(section.normalization))
+    models.validate()
+    return models
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+class PolicyTrainer:
+    """One `svam train-policy` run; `train` returns the policy directory."""
+
+    def __init__(self, config: Config, paths: PolicyPaths):
+        try:
+            config.train_policy.validate()
+        except ValueError as exc:
+            raise PolicyTrainError(str(exc)) from exc
+        self.config, self.args, self.paths = config, config.train_policy, paths
+        self.checkpoints = CheckpointDir(
+            paths.work / "checkpoints", self.args.checkpoints_total_limit
+        )
+        self.mode = self.args.mode
+        self.cache = TeacherCache.open(paths.cache)
+        self.source = onestep_source(config, self.cache)
+        steps = multistep_steps(self.mode)
+        cached_steps = self.cache.manifest["num_inference_steps"]
+        if steps is not None and steps != cached_steps:
+            raise PolicyTrainError(
+                f"train_policy.mode={self.mode} but the cache's targets come from {cached_steps} "
+                f"teacher steps ({self.cache.manifest_path}): train multistep:{cached_steps} "
+                "(other K would need on-the-fly generation, which train-policy does not do)"
+            )
+        if self.mode == "shortcut":
+            for branch in BRANCHES:
+                if not (paths.decouplers / branch / "model.safetensors").is_file():
+                    raise PolicyTrainError(
+                        f"train_policy.mode=shortcut needs decouplers, but {paths.decouplers / branch}"
+                        " holds none: run `svam distill` first or set train_policy.decouplers"
+                    )
+        self.key = training_key(config, self.cache, self.source, paths)
+        self.loader_settings = _loader_settings(config)
+        self.history: list[float] = []
+        self.metrics: dict[str, dict[int, float]] = {}
+        resume = self.args.resume
+        if resume not in (None, "latest") and not Path(resume).is_dir():
+            raise PolicyTrainError(f"train_policy.resume: no checkpoint directory {resume}")
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def _load_frozen(self) -> None:
+        from distill.modeling_decoupler import Decoupler
+        from teachers.modeling_teacher import read_teacher_record
+        from teachers.pipeline_teacher import TeacherPipeline
+
+        teacher_dir, manifest = self.paths.teacher, self.cache.manifest
+        try:
+            fingerprint = read_teacher_record(teacher_dir)["fingerprint"]
+        except OSError as exc:
+            raise PolicyTrainError(
+                f"train-policy needs the cache's teacher (instruction encoder, inference), but "
+                f"{exc}: set train_policy.teacher"
+            ) from exc
+        if fingerprint != manifest["teacher_fingerprint"]:
+            raise PolicyTrainError(
+                f"the teacher at {teacher_dir} is {fingerprint} but the cache was made by teacher "
+                f"{manifest['teacher_fingerprint']} ({self.cache.manifest_path}): set "
+                "train_policy.teacher to the cache's teacher"
+            )
+        self.teacher_fingerprint = fingerprint
+        self.pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
+        self.pipeline.teacher.to(self.device)
+        self.decouplers = {}
+        if self.mode != "shortcut":
+            return
+        dims = manifest["dims"]
+        for branch in BRANCHES:
+            model = Decoupler.from_pretrained(self.paths.decouplers / branch, device=self.device)
+            cfg = model.config
+            tokens, dim = dims[branch]
+            found = {
+                "num_frames": dims["clip_frames"],
+                "target_tokens": tokens,
+                "target_dim": dim,
+            }
+            for key, value in found.items():
+                if getattr(cfg, key) != value:
+                    raise PolicyTrainError(
+                        f"{self.paths.decouplers / branch}: {key}={getattr(cfg, key)} but the "
+                        f"cache has {value} ({self.cache.manifest_path})"
+                    )
+            self.decouplers[branch] = model.eval().requires_grad_(False)
+
+    def _arrays(self) -> list[str]:
+        arrays = ["actions", "state", "onestep" if self.source == CACHED else CURRENT]
+        if self.mode == "shortcut":
+            arrays += [f"{b}_ref" for b in BRANCHES]
+        elif self.mode != "onestep":
+            arrays += list(BRANCHES)
+        return arrays
+
+    def _loader(self, split: str, arrays: list[str], **options: Any):
+        return teacher_cache_loader(
+            self.cache,
+            split,
+            batch_size=self.args.batch_size,
+            num_workers=self.loader_settings["num_workers"],
+            pin_memory=self.device.type == "cuda",
+            arrays=arrays,
+            seed=self.config.run.seed,
+            **options,
+        )
+
+    @torch.no_grad()
+    def _features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One-step features (B, T, C, h, w) float32 on the device."""
+        if self.source == CACHED:
+            return batch["onestep"].to(self.device, non_blocking=True).float()
+        seed = self.config.run.seed
+        generators = [
+            _clip_generator(seed, key, int(epoch))
+            for key, epoch in zip(batch["key"], batch["epoch"], strict=True)
+        ]
+        return self.pipeline.features(
+            batch[CURRENT],
+            batch["instruction"],
+            generator=generators,
+            num_inference_steps=self.cache.manifest["num_inference_steps"],
+        ).float()
+
+    @torch.no_grad()
+    def _streams(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        features = self._features(batch)
+        streams = {"onestep": features_to_tokens(features)}
+        if self.mode == "shortcut":
+            for branch, model in self.decouplers.items():
+                reference = batch[f"{branch}_ref"].to(self.device).float()
+                streams[branch] = model(
+                    features, reference if model.config.reference else None
+                ).float()
+        elif self.mode != "onestep":
+            for branch in BRANCHES:
+                streams[branch] = batch[branch].to(self.device, non_blocking=True).float()
+        return streams
+
+    @torch.no_grad()
+    def _text(self, instructions: list[str]) -> torch.Tensor:
+        missing = [s for s in dict.fromkeys(instructions) if s not in self.text_cache]
+        if missing:
+            states = self.pipeline.teacher.text_states(missing).float().to(self.device)
+            self.text_cache.update(zip(missing, states, strict=True))
+        return torch.stack([self.text_cache[s] for s in instructions])
+
+    def _inputs(self, batch: dict[str, Any]) -> tuple:
+        streams = self._streams(batch)
+        text = self._text(list(batch["instruction"]))
+        state = batch["state"][:, 0].to(self.device).float() if self.args.use_state else None
+        actions = batch["actions"].to(self.device).float()
+        return streams, text, state, actions
+
+    def _feature_shape(self) -> tuple[int, int]:
+        _, arrays, _ = self.cache.first_sample
+        if self.source == CACHED:
+            _, channels, side, _ = arrays["onestep"].shape
+            return channels, side
+        current = torch.from_numpy(arrays["frames"][:1]).permute(0, 3, 1, 2)
+        features = self._features(
+            {CURRENT: current, "instruction": [""], "key": ["probe"], "epoch": [0]}
+        )
+        return features.shape[2], features.shape[3]
+
+    def _policy_config(self) -> ShortcutPolicyConfig:
+        teacher = self.pipeline.teacher.config
+        models = resolve_models(
+            self.config.policy,
+            self.mode,
+            self.cache,
+            self._feature_shape(),
+            (teacher.max_text_length, teacher.text_hidden_size),
+            self.args.use_state,
+        )
+        manifest = self.cache.manifest
+        shortcut = self.mode == "shortcut"
+        return ShortcutPolicyConfig(
+            mode=self.mode,
+            models=models,
+            feature_steps=manifest["num_inference_steps"],
+            use_state=self.args.use_state,
+            teacher=str(self.paths.teacher.resolve()),
+            teacher_fingerprint=self.teacher_fingerprint,
+            encoders=dict(manifest["encoders"]),
+            semantic_fingerprint=manifest["semantic_fingerprint"],
+            geometric_fingerprint=manifest["geometric_fingerprint"],
+            decouplers=str(self.paths.decouplers.resolve()) if shortcut else None,
+            decoupler_configs={b: dataclasses.asdict(m.config) for b, m in self.decouplers.items()},
+            decoupler_fingerprints=_decoupler_fingerprints(self.paths) if shortcut else {},
+            cache=str(self.cache.root.resolve()),
+        )
+
+    @torch.no_grad()
+    def _fit_normalizers(self, net: PolicyNet) -> None:
+        loader = self._loader(
+            "train", ["actions", "state"], shuffle=False, max_clips=self.args.normalizer_clips
+        )
+        batches = list(loader)
+        net.action_normalizer.fit(b["actions"] for b in batches)
+        if net.state_normalizer is not None:
+            net.state_normalizer.fit(b["state"][:, 0] for b in batches)
+
+    # -------------------------------------------------------------------------------- run
+
+    def train(self) -> Path:
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        args = self.args
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),
+        )
+        self.accelerator, self.device = accelerator, accelerator.device
+        self.is_main = accelerator.is_main_process
+        set_seed(self.config.run.seed, device_specific=True)
+        if self.is_main:
+            RunDir.from_config(self.config).save_config(self.config, "train-policy")
+            self.paths.work.mkdir(parents=True, exist_ok=True)
+        self._load_frozen()
+        self.text_cache: dict[str, torch.Tensor] = {}
+        self.policy_config = self._policy_config()
+        self.total_steps = args.steps
+        self.writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = RunDir.from_config(self.config).tb / "policy" / mode_dirname(self.mode)
+            self.writer = SummaryWriter(str(tb))
+            self._announce()
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.run.seed)
+            net = PolicyNet(self.policy_config).to(self.device)
+        self._fit_normalizers(net)
+        net.train()
+        optimizer = torch.optim.AdamW(
+            net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+        )
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+        )
+        self.ema = None
+        if args.use_ema:
+            self.ema = EMAModel(
+                net.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3
+            )
+            self.ema.to(self.device)
+            accelerator.register_for_checkpointing(self.ema)
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            net, optimizer, lr_scheduler
+        )
+        step, micro_step = self._resume()
+        stream = iter(
+            self._loader(
+                "train",
+                self._arrays(),
+                shuffle=True,
+                shuffle_buffer=self.loader_settings["shuffle_buffer"],
+                repeat=True,
+            )
+        )
+        for _ in range(micro_step):
+            next(stream)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc=f"train-policy ({self.mode})",
+            unit="step",
+            disable=not self.is_main,
+        )
+        window: list[float] = []
+        tick, clips = time.perf_counter(), 0
+        while step < self.total_steps:
+            batch = next(stream)
+            window.append(self._micro_step(batch, micro_step))
+            micro_step += 1
+            clips += len(batch["key"])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if self.ema is not None:
+                self.ema.step(accelerator.unwrap_model(self.model).parameters())
+            accumulated = window[-args.gradient_accumulation_steps :]
+            self.history.append(sum(accumulated) / len(accumulated))
+            progress.update(1)
+            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
+            last = step == self.total_steps
+            if step % args.log_every == 0 or last:
+                elapsed = time.perf_counter() - tick
+                self._log(
+                    step,
+                    {
+                        "train/loss": sum(window) / len(window),
+                        "train/lr": self.lr_scheduler.get_last_lr()[0],
+                        "train/clips_per_s": clips * accelerator.num_processes / elapsed,
+                    },
+                )
+                window.clear()
+                tick, clips = time.perf_counter(), 0
+            if step % args.checkpoint_every == 0 or last:
+                self._save_checkpoint(step, micro_step)
+        progress.close()
+        return self._finish(step)
+
+    def _announce(self) -> None:
+        cfg = self.policy_config.models
+        streams = ", ".join(f"{s.name} {s.tokens}x{s.dim}" for s in cfg.aggregator.streams)
+        counts = {split: len(self.cache.members(split)) for split in ("train", "val")}
+        source = "cache" if self.source == CACHED else f"teacher at {self.paths.teacher}"
+        tqdm.write(
+            f"train-policy: mode {self.mode}; streams per frame: {streams} (one-step features "
+            f"from the {source}); chunks {cfg.action_head.horizon}x{cfg.action_head.action_dim}\n"
+            f"train-policy: {counts['train']} train / {counts['val']} val clips; "
+            f"{self.total_steps} steps of {self.args.batch_size} clips x "
+            f"{self.accelerator.num_processes} process(es)"
+        )
+
+    def _micro_step(self, batch: dict[str, Any], micro_step: int) -> float:
+        """One forward/backward; the diffusion noise and timesteps come from a generator seeded
+        by (run seed, process, micro step), so a resumed run draws what the uninterrupted one
+        did (the global RNG is also drawn from by the loader when its iterator is made)."""
+        accelerator = self.accelerator
+        inputs = self._inputs(batch)
+        generator = torch.Generator().manual_seed(
+            (self.config.run.seed * 1_000_003 + accelerator.process_index) * 1_000_000_007
+            + micro_step
+        )
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                loss = self.model(*inputs, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.args.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        for name, value in scalars.items():
+            self.metrics.setdefault(name, {})[step] = value
+            self.writer.add_scalar(name, value, step)
+
+    # -------------------------------------------------------------------------- checkpoints
+
+    def _state_record(self, step: int, micro_step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "micro_step": micro_step,
+            "key": self.key,
+            "num_processes": self.accelerator.num_processes,
+            "history": self.history,
+        }
+
+    def _save_checkpoint(self, step: int, micro_step: int) -> None:
+        self.checkpoints.save(self.accelerator, step, self._state_record(step, micro_step))
+
+    def _resume(self) -> tuple[int, int]:
+        try:
+            found = self.checkpoints.to_resume(self.args.resume)
+        except FileNotFoundError as exc:
+            raise PolicyTrainError(str(exc)) from exc
+        if found is None:
+            return 0, 0
+        path, state = found
+        for key in ("key", "num_processes"):
+            expected = self._state_record(0, 0)[key]
+            if state.get(key) != expected:
+                raise PolicyTrainError(
+                    f"{path}: written with {key}={state.get(key)}, this run has {expected}; set "
+                    "train_policy.resume=null (or another train_policy.output_dir) to start over"
+                )
+        self.accelerator.load_state(str(path))
+        self.history = list(state["history"])
+        if self.is_main:
+            tqdm.write(f"train-policy: resumed from {path} (step {state['step']})")
+        return state["step"], state["micro_step"]
+
+    # ------------------------------------------------------------------------------- finish
+
+    @torch.no_grad()
+    def _validate(self, net: PolicyNet) -> dict[str, float]:
+        """Denoising loss and sampled-chunk error (MSE of unnormalised actions, and of the
+        normalised ones) on validation clips, with a fixed generator."""
+        net.eval()
+        generator = torch.Generator(self.device).manual_seed(self.config.run.seed)
+        loader = self._loader("val", self._arrays(), shuffle=False, max_clips=self.args.val_clips)
+        sums = {"loss": 0.0, "action_mse": 0.0, "action_mse_normalized": 0.0}
+        clips = 0
+        for batch in loader:
+            streams, text, state, actions = self._inputs(batch)
+            cond = net.condition(streams, text, state)
+            normalized = net.action_normalizer.normalize(actions)
+            count = actions.shape[0]
+            sums["loss"] += net.head.loss(normalized, cond, generator).item() * count
+            sample = net.head.sample(cond, generator)
+            predicted = net.action_normalizer.unnormalize(sample)
+            sums["action_mse"] += (predicted - actions).pow(2).mean().item() * count
+            sums["action_mse_normalized"] += (sample - normalized).pow(2).mean().item() * count
+            clips += count
+        return {f"val/{k}": v / max(clips, 1) for k, v in sums.items()} | {"val/clips": clips}
+
+    def _finish(self, step: int) -> Path:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        net = accelerator.unwrap_model(self.model)
+        if self.ema is not None:
+            self.ema.copy_to(net.parameters())
+        results = self._validate(net)
+        if self.is_main:
+            self._log(step, results)
+            output = self.paths.output
+            tmp = output.with_name(output.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_policy(tmp, self.policy_config, net)
+            record = {
+                "key": self.key,
+                "mode": self.mode,
+                "steps": step,
+                "onestep": self.source,
+                "ema": self.ema is not None,
+                "cache": str(self.cache.root),
+                "final_train_loss": self.history[-1] if self.history else None,
+                **{k.replace("/", "_"): v for k, v in results.items()},
+            }
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            shutil.rmtree(output, ignore_errors=True)
+            tmp.rename(output)
+            tqdm.write(
+                f"train-policy: {self.mode} policy -> {output} (val loss {results['val/loss']:.4f}, "
+                f"action MSE {results['val/action_mse']:.4g} on {results['val/clips']} clips)"
+            )
+            self.writer.close()
+        accelerator.wait_for_everyone()
+        return self.paths.output
+
+
+def train_policy(config: Config, out_dir: str | Path | None = None) -> Path:
+    """`svam train-policy`: train the policy of `train_policy.mode` on the run's teacher cache;
+    returns the policy directory (default `runs/<name>/policy/<mode>`)."""
+    if out_dir is not None:
+        config.train_policy.output_dir = str(out_dir)
+    return PolicyTrainer(config, policy_paths(config)).train()

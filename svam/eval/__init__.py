@@ -1,0 +1,1 @@
+"""`svam eval`: closed-loop evaluation of trained policies (Meta-World rollouts)."""
