@@ -64,13 +64,22 @@ from distill.fidelity import (
 )
 from distill.modeling_decoupler import Decoupler, build_decouplers
 from svam.checkpoints import CheckpointDir
-from svam.config import Config, to_dict
-from svam.data.teacher_cache import CURRENT, TARGETS, TeacherCache, teacher_cache_loader
+from svam.config import Config, config_hash, to_dict
+from svam.data.teacher_cache import (
+    CACHED,
+    CURRENT,
+    ON_THE_FLY,
+    TARGETS,
+    TeacherCache,
+    loader_settings,
+    onestep_source,
+    teacher_cache_loader,
+)
 from svam.rundir import RunDir
+from svam.seeding import keyed_generator
 
 RECORD_NAME = "distill.json"
 BASELINES_NAME = "baselines.pt"
-CACHED, ON_THE_FLY = "cached", "on-the-fly"
 NOT_IN_KEY = (
     "cache",
     "teacher",
@@ -113,29 +122,7 @@ def distill_paths(config: Config) -> DistillPaths:
 
 def onestep_mode(config: Config, cache: TeacherCache) -> str:
     """'cached' or 'on-the-fly': where the one-step features come from."""
-    wanted, cached = config.distill.onestep, cache.has("onestep")
-    if wanted == CACHED and not cached:
-        raise DistillError(
-            f"distill.onestep=cached but {cache.manifest_path} holds no one-step features (made "
-            "with cache.keep_onestep=false): use distill.onestep=auto or on-the-fly"
-        )
-    if wanted == "auto":
-        return CACHED if cached else ON_THE_FLY
-    return wanted
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _loader_settings(config: Config) -> dict[str, int]:
-    args, data = config.distill, config.data
-    return {
-        "num_workers": data.num_workers if args.num_workers is None else args.num_workers,
-        "shuffle_buffer": data.shuffle_buffer
-        if args.shuffle_buffer is None
-        else args.shuffle_buffer,
-    }
+    return onestep_source(cache, config.distill.onestep, "distill.onestep")
 
 
 def training_key(config: Config, cache: TeacherCache, mode: str) -> str:
@@ -144,7 +131,7 @@ def training_key(config: Config, cache: TeacherCache, mode: str) -> str:
     settings = {k: v for k, v in to_dict(config.distill).items() if k not in NOT_IN_KEY}
     parts = {
         "decouplers": to_dict(config.decouplers),
-        "distill": {**settings, **_loader_settings(config)},
+        "distill": {**settings, **loader_settings(config.distill, config.data)},
         "seed": config.run.seed,
         "cache": hashlib.sha256(cache.manifest_path.read_bytes()).hexdigest(),
         "onestep": mode,
@@ -156,7 +143,7 @@ def training_key(config: Config, cache: TeacherCache, mode: str) -> str:
             teacher.feature_sigma,
             teacher.feature_upsample,
         ]
-    return _hash(parts)
+    return config_hash(parts)
 
 
 def is_distilled(config: Config) -> bool:
@@ -266,11 +253,6 @@ class DecouplerPair(nn.Module):
         }
 
 
-def _onestep_generator(run_seed: int, key: str, epoch: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{run_seed}/{key}/onestep/{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 def _save_atomic(model: Decoupler, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -298,7 +280,7 @@ class Distiller:
         self.cache = TeacherCache.open(paths.cache)
         self.mode = onestep_mode(config, self.cache)
         self.key = training_key(config, self.cache, self.mode)
-        self.loader_settings = _loader_settings(config)
+        self.loader_settings = loader_settings(config.distill, config.data)
         self.feature_array = "onestep" if self.mode == CACHED else CURRENT
         self.teacher_pipeline = None
         self.history: list[float] = []
@@ -368,7 +350,7 @@ class Distiller:
         else:
             seed = self.config.run.seed
             generators = [
-                _onestep_generator(seed, key, int(epoch))
+                keyed_generator(seed, key, "onestep", int(epoch))
                 for key, epoch in zip(batch["key"], batch["epoch"], strict=True)
             ]
             with self.accelerator.autocast():

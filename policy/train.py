@@ -50,12 +50,20 @@ from policy.modeling_policy import (
     save_policy,
 )
 from svam.checkpoints import CheckpointDir
-from svam.config import Config, to_dict
-from svam.data.teacher_cache import CURRENT, TeacherCache, teacher_cache_loader
+from svam.config import Config, config_hash, to_dict
+from svam.data.teacher_cache import (
+    CACHED,
+    CURRENT,
+    ON_THE_FLY,
+    TeacherCache,
+    loader_settings,
+    onestep_source,
+    teacher_cache_loader,
+)
 from svam.rundir import RunDir
+from svam.seeding import keyed_generator
 
 RECORD_NAME = "train_policy.json"
-CACHED, ON_THE_FLY = "cached", "on-the-fly"
 NOT_IN_KEY = (
     "cache",
     "teacher",
@@ -95,32 +103,6 @@ def policy_paths(config: Config) -> PolicyPaths:
     )
 
 
-def onestep_source(config: Config, cache: TeacherCache) -> str:
-    wanted, cached = config.train_policy.onestep, cache.has("onestep")
-    if wanted == CACHED and not cached:
-        raise PolicyTrainError(
-            f"train_policy.onestep=cached but {cache.manifest_path} holds no one-step features "
-            "(made with cache.keep_onestep=false): use train_policy.onestep=auto or on-the-fly"
-        )
-    if wanted == "auto":
-        return CACHED if cached else ON_THE_FLY
-    return wanted
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _loader_settings(config: Config) -> dict[str, int]:
-    args, data = config.train_policy, config.data
-    return {
-        "num_workers": data.num_workers if args.num_workers is None else args.num_workers,
-        "shuffle_buffer": data.shuffle_buffer
-        if args.shuffle_buffer is None
-        else args.shuffle_buffer,
-    }
-
-
 def _decoupler_fingerprints(paths: PolicyPaths) -> dict[str, str]:
     return {b: file_fingerprint(paths.decouplers / b / "model.safetensors") for b in BRANCHES}
 
@@ -133,7 +115,7 @@ def training_key(config: Config, cache: TeacherCache, source: str, paths: Policy
     settings = {k: v for k, v in to_dict(args).items() if k not in NOT_IN_KEY}
     parts: dict[str, Any] = {
         "policy": to_dict(config.policy),
-        "train_policy": {**settings, **_loader_settings(config)},
+        "train_policy": {**settings, **loader_settings(config.train_policy, config.data)},
         "seed": config.run.seed,
         "cache": hashlib.sha256(cache.manifest_path.read_bytes()).hexdigest(),
         "onestep": source,
@@ -147,7 +129,7 @@ def training_key(config: Config, cache: TeacherCache, source: str, paths: Policy
             teacher.feature_sigma,
             teacher.feature_upsample,
         ]
-    return _hash(parts)
+    return config_hash(parts)
 
 
 def is_policy_trained(config: Config) -> bool:
@@ -156,15 +138,15 @@ def is_policy_trained(config: Config) -> bool:
     try:
         cache = TeacherCache.open(paths.cache, verify=False)
         record = json.loads((paths.output / RECORD_NAME).read_text())
-        key = training_key(config, cache, onestep_source(config, cache), paths)
+        key = training_key(
+            config,
+            cache,
+            onestep_source(cache, config.train_policy.onestep, "train_policy.onestep"),
+            paths,
+        )
         return record.get("key") == key
     except (OSError, ValueError):
         return False
-
-
-def _clip_generator(run_seed: int, key: str, epoch: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{run_seed}/{key}/policy-onestep/{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def resolve_models(
@@ -258,7 +240,9 @@ class PolicyTrainer:
         )
         self.mode = self.args.mode
         self.cache = TeacherCache.open(paths.cache)
-        self.source = onestep_source(config, self.cache)
+        self.source = onestep_source(
+            self.cache, config.train_policy.onestep, "train_policy.onestep"
+        )
         steps = multistep_steps(self.mode)
         cached_steps = self.cache.manifest["num_inference_steps"]
         if steps is not None and steps != cached_steps:
@@ -275,7 +259,7 @@ class PolicyTrainer:
                         " holds none: run `svam distill` first or set train_policy.decouplers"
                     )
         self.key = training_key(config, self.cache, self.source, paths)
-        self.loader_settings = _loader_settings(config)
+        self.loader_settings = loader_settings(config.train_policy, config.data)
         self.history: list[float] = []
         self.metrics: dict[str, dict[int, float]] = {}
         resume = self.args.resume
@@ -354,7 +338,7 @@ class PolicyTrainer:
             return batch["onestep"].to(self.device, non_blocking=True).float()
         seed = self.config.run.seed
         generators = [
-            _clip_generator(seed, key, int(epoch))
+            keyed_generator(seed, key, "policy-onestep", int(epoch))
             for key, epoch in zip(batch["key"], batch["epoch"], strict=True)
         ]
         return self.pipeline.features(

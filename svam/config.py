@@ -173,6 +173,8 @@ def to_yaml(config: Any) -> str:
 
 
 def config_hash(config: Any) -> str:
-    """Stable short hash of a config (or one of its sections) for manifests and fingerprints."""
-    blob = json.dumps(to_dict(config), sort_keys=True).encode()
+    """Stable short hash of a config, one of its sections, or any JSON-able value, for manifests,
+    fingerprints and training keys."""
+    value = to_dict(config) if dataclasses.is_dataclass(config) else config
+    blob = json.dumps(value, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

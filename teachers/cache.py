@@ -41,6 +41,7 @@ from svam.data.shards import (
     write_json_atomic,
 )
 from svam.rundir import RunDir
+from svam.seeding import keyed_generator
 from teachers.encoders import build_encoders
 from teachers.modeling_teacher import read_teacher_record
 from teachers.pipeline_teacher import TeacherPipeline
@@ -92,12 +93,6 @@ def plan_shards(episodes: ShardSet, config: Config) -> list[ShardJob]:
                 ShardJob(f"{split}-{index:05d}.tar", tuple(clips[first : first + per_shard]))
             )
     return jobs
-
-
-def clip_generator(run_seed: int, key: str) -> torch.Generator:
-    """The noise source of one clip: a function of the run seed and the clip key only."""
-    seed = int.from_bytes(hashlib.sha256(f"{run_seed}/{key}".encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed & (2**63 - 1))
 
 
 class EpisodeStore:
@@ -220,7 +215,7 @@ class TeacherCacheJob:
         frames = data.clip_frames
         size = store.get(self.jobs[0].clips[0].episode)[0]["frames"].shape[1]
         probe = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-        features = self.pipeline.features(probe, [""], generator=clip_generator(0, "probe"))
+        features = self.pipeline.features(probe, [""], generator=keyed_generator(0, "probe"))
         sizes = {
             "semantic": frames * self.semantic.num_tokens * self.semantic.out_dim * 2,
             "geometric": frames * self.geometric.num_tokens * self.geometric.out_dim * 2,
@@ -275,7 +270,7 @@ class TeacherCacheJob:
         output = self.pipeline(
             current,
             [m["instruction"] for m in metas],
-            generator=[clip_generator(self.config.run.seed, c.key) for c in clips],
+            generator=[keyed_generator(self.config.run.seed, c.key) for c in clips],
             num_inference_steps=self.steps,
             return_features=self.config.cache.keep_onestep,
             decode=True,

@@ -155,7 +155,7 @@ def test_two_ranks_write_disjoint_shards_equal_to_one(inputs, reference, tmp_pat
         [
             str(torchrun),
             "--nproc_per_node=2",
-            "--master_port=29533",
+            "--standalone",
             "-m",
             "svam.cli",
             "cache-teachers",

@@ -375,7 +375,7 @@ def test_two_processes_under_torchrun(caches, tmp_path):
         [
             str(torchrun),
             "--nproc_per_node=2",
-            "--master_port=29541",
+            "--standalone",
             "-m",
             "svam.cli",
             "distill",

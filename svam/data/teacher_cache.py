@@ -34,6 +34,7 @@ from svam.data.streaming import ShardStream, evenly_spaced
 
 SPLITS = ("train", "val")
 CURRENT = "current"
+CACHED, ON_THE_FLY = "cached", "on-the-fly"
 """Item name of the real current frame (3, H, W) uint8, i.e. `frames[0]`, without the rest."""
 TARGETS = ("semantic", "geometric", "semantic_ref", "geometric_ref")
 VIDEO_ARRAYS = ("frames", "generated")
@@ -230,3 +231,27 @@ def write_teacher_cache(
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
     return out_dir
+
+
+def onestep_source(cache: TeacherCache, wanted: str, key: str) -> str:
+    """'cached' or 'on-the-fly': where a stage takes one-step features from, given its config value
+    `wanted` (cached, on-the-fly or auto) under the config key `key`."""
+    cached = cache.has("onestep")
+    if wanted == CACHED and not cached:
+        raise SchemaError(
+            f"{key}=cached but {cache.manifest_path} holds no one-step features (made with "
+            f"cache.keep_onestep=false): use {key}=auto or on-the-fly"
+        )
+    if wanted == "auto":
+        return CACHED if cached else ON_THE_FLY
+    return wanted
+
+
+def loader_settings(section: Any, data: Any) -> dict[str, int]:
+    """A training section's loader workers and shuffle buffer, falling back to the data section's."""
+    return {
+        "num_workers": data.num_workers if section.num_workers is None else section.num_workers,
+        "shuffle_buffer": (
+            data.shuffle_buffer if section.shuffle_buffer is None else section.shuffle_buffer
+        ),
+    }

@@ -1,0 +1,15 @@
+"""Randomness derived from names, not from history: a sample's noise is a function of the run seed
+and the sample's key (and, where it changes per pass, the epoch), so a resumed, re-sharded or
+multi-process job draws exactly what an uninterrupted single-process one would."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def keyed_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded by sha256 of the parts joined with '/' (e.g. run seed, clip key)."""
+    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
