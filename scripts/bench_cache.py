@@ -73,7 +73,7 @@ def main() -> None:
             [
                 str(torchrun),
                 f"--nproc_per_node={processes}",
-                "--standalone",
+                "--master_port=29561",
                 "-m",
                 "svam.cli",
                 "cache-teachers",

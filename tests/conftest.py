@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +89,19 @@ def collected(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     config = load_config("tiny", tiny_collect_overrides(root))
     return config, collect(config)
+
+
+def torchrun(processes: int, *cli_args: str) -> list[str]:
+    """A `torchrun ... -m svam.cli` command on a free loopback port, so parallel runs never meet."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        str(Path(sys.executable).with_name("torchrun")),
+        f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "svam.cli",
+        *cli_args,
+    ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_synthetic_episodes
+from conftest import torchrun, write_synthetic_episodes
 
 from svam.cli import main
 from svam.config import load_config
@@ -150,17 +150,8 @@ def test_killed_run_resumes_to_identical_bytes(inputs, reference, tmp_path):
 
 def test_two_ranks_write_disjoint_shards_equal_to_one(inputs, reference, tmp_path):
     out = tmp_path / "cache"
-    torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node=2",
-            "--standalone",
-            "-m",
-            "svam.cli",
-            "cache-teachers",
-            *overrides_for(inputs, out),
-        ],
+        torchrun(2, "cache-teachers", *overrides_for(inputs, out)),
         capture_output=True,
         text=True,
         timeout=400,

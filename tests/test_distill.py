@@ -7,12 +7,12 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import load_file
 from test_cache import MICRO
 from torch.utils.data import DataLoader
@@ -363,7 +363,6 @@ def test_on_the_fly_onestep_features(micro_teacher, tmp_path, capsys):
 
 def test_two_processes_under_torchrun(caches, tmp_path):
     """DDP over gloo, each rank streaming its own half of the clips, in bf16 autocast."""
-    torchrun = Path(sys.executable).with_name("torchrun")
     args = overrides(
         tmp_path,
         caches["learnable"],
@@ -372,15 +371,7 @@ def test_two_processes_under_torchrun(caches, tmp_path):
         "distill.mixed_precision=bf16",
     )
     result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node=2",
-            "--standalone",
-            "-m",
-            "svam.cli",
-            "distill",
-            *args,
-        ],
+        torchrun(2, "distill", *args),
         capture_output=True,
         text=True,
         timeout=300,
