@@ -128,8 +128,9 @@ def run_episode(policy, task: str, seed: int, settings: dict, run_seed: int, rec
     import torch
 
     from svam.envs.metaworld import MetaWorldEnv
+    from svam.seeding import keyed_generator
 
-    generator = torch.Generator().manual_seed(run_seed * 1_000_003 + seed)
+    generator = keyed_generator(run_seed, "eval", task, seed)
     latencies, frames = [], []
     success, steps = False, 0
     with MetaWorldEnv(task, seed, settings["camera"], settings["image_size"]) as env:
