@@ -296,23 +296,18 @@ class Distiller:
     # ------------------------------------------------------------------------------ inputs
 
     def _load_teacher(self) -> None:
-        from teachers.modeling_teacher import read_teacher_record
+        from teachers.modeling_teacher import check_cache_teacher
         from teachers.pipeline_teacher import TeacherPipeline
 
-        teacher_dir, manifest = self.paths.teacher, self.cache.manifest
-        try:
-            fingerprint = read_teacher_record(teacher_dir)["fingerprint"]
-        except OSError as exc:
-            raise DistillError(
-                f"the cache at {self.cache.root} holds no one-step features, so the teacher must "
-                f"compute them, but {exc}: set distill.teacher to the cache's teacher"
-            ) from exc
-        if fingerprint != manifest["teacher_fingerprint"]:
-            raise DistillError(
-                f"the teacher at {teacher_dir} is {fingerprint} but the cache was made by teacher "
-                f"{manifest['teacher_fingerprint']} ({self.cache.manifest_path}): on-the-fly "
-                "one-step features need the cache's teacher (set distill.teacher)"
-            )
+        # The cache holds no one-step features, so the teacher that made it computes them.
+        teacher_dir = self.paths.teacher
+        check_cache_teacher(
+            teacher_dir,
+            self.cache.manifest_path,
+            self.cache.manifest["teacher_fingerprint"],
+            "distill.teacher",
+            DistillError,
+        )
         pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
         pipeline.teacher.to(self.device)
         self.teacher_pipeline = pipeline

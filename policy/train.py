@@ -270,24 +270,18 @@ class PolicyTrainer:
 
     def _load_frozen(self) -> None:
         from distill.modeling_decoupler import Decoupler
-        from teachers.modeling_teacher import read_teacher_record
+        from teachers.modeling_teacher import check_cache_teacher
         from teachers.pipeline_teacher import TeacherPipeline
 
+        # The policy runs the cache's teacher (instruction encoder, one-step pass at inference).
         teacher_dir, manifest = self.paths.teacher, self.cache.manifest
-        try:
-            fingerprint = read_teacher_record(teacher_dir)["fingerprint"]
-        except OSError as exc:
-            raise PolicyTrainError(
-                f"train-policy needs the cache's teacher (instruction encoder, inference), but "
-                f"{exc}: set train_policy.teacher"
-            ) from exc
-        if fingerprint != manifest["teacher_fingerprint"]:
-            raise PolicyTrainError(
-                f"the teacher at {teacher_dir} is {fingerprint} but the cache was made by teacher "
-                f"{manifest['teacher_fingerprint']} ({self.cache.manifest_path}): set "
-                "train_policy.teacher to the cache's teacher"
-            )
-        self.teacher_fingerprint = fingerprint
+        self.teacher_fingerprint = check_cache_teacher(
+            teacher_dir,
+            self.cache.manifest_path,
+            manifest["teacher_fingerprint"],
+            "train_policy.teacher",
+            PolicyTrainError,
+        )
         self.pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
         self.pipeline.teacher.to(self.device)
         self.decouplers = {}

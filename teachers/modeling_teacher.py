@@ -630,6 +630,27 @@ def read_teacher_record(path: str | os.PathLike) -> dict[str, Any]:
     return _read_teacher_config(Path(path) / TEACHER_CONFIG_NAME)
 
 
+def check_cache_teacher(
+    teacher_dir: str | os.PathLike,
+    cache_manifest: Path,
+    expected: str,
+    key: str,
+    error: type[Exception] = ValueError,
+) -> str:
+    """The fingerprint of the teacher at `teacher_dir`, which must be the one that made the cache
+    (`expected`, from `cache_manifest`); else one line naming the config key `key` to set."""
+    try:
+        fingerprint = read_teacher_record(teacher_dir)["fingerprint"]
+    except OSError as exc:
+        raise error(f"{exc}: set {key} to the teacher that made {cache_manifest}") from exc
+    if fingerprint != expected:
+        raise error(
+            f"the teacher at {teacher_dir} is {fingerprint} but the cache was made by teacher "
+            f"{expected} ({cache_manifest}): set {key} to the cache's teacher"
+        )
+    return fingerprint
+
+
 def _model_index(root: Path) -> dict[str, Any]:
     path = root / "model_index.json"
     if not path.is_file():
