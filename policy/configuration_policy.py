@@ -23,20 +23,78 @@ NORMALIZATION_MODES = ("min_max", "mean_std")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-def foresight_streams(mode: str) -> tuple[str, ...]:
-    """The aggregator's input streams for a foresight mode: `onestep` (VPP) reads the one-step
-    features only; `shortcut` (S-VAM: decoupler foresight) and `multistep:K` (K teacher steps, real
-    encoders) read them together with semantic and geometric tokens."""
-    if mode == "onestep":
-        return ("onestep",)
-    if mode == "shortcut":
-        return STREAMS
-    kind, _, steps = mode.partition(":")
-    if kind == "multistep" and steps.isdigit() and int(steps) >= 1:
-        return STREAMS
+POLICY_KINDS = ("onestep", "shortcut", "multistep")
+"""What `svam train-policy` trains (`train_policy.mode`): one policy per kind of conditioning."""
+
+
+@dataclass(frozen=True)
+class ForesightMode:
+    """How a control step gets its foresight, parsed from a mode name:
+
+    - `onestep`: the teacher's one-step features only (VPP);
+    - `shortcut`: those features plus decoupler foresight (S-VAM);
+    - `multistep:K`: the teacher generates with a K-step schedule, the real encoders read the
+      frames (the slow "imagine, then act" baseline); `multistep` alone is K = N, the schedule
+      the teacher cache used;
+    - `partial:F`: the N-step schedule stopped after a fraction F of its steps, its clean-latent
+      estimate decoded and encoded (partial denoising, as LingBot-VA acts on half-denoised
+      video).
+
+    The generated-foresight modes (`multistep:K`, `partial:F`) all run the `multistep` policy,
+    trained on the cache's N-step foresight; K and F only change inference.
+    """
+
+    name: str
+    kind: str
+    steps: int | None = None
+    fraction: float | None = None
+
+    @property
+    def policy_kind(self) -> str:
+        """The trained policy this mode runs (one of POLICY_KINDS)."""
+        return "multistep" if self.generates else self.kind
+
+    @property
+    def generates(self) -> bool:
+        """Whether the teacher generates frames (multi-step or partial sampling)."""
+        return self.kind in ("multistep", "partial")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return ("onestep",) if self.kind == "onestep" else STREAMS
+
+    def sampling(self, full_steps: int) -> tuple[int, int]:
+        """(schedule length, steps run) of a generating mode, N = `full_steps`."""
+        if self.kind == "partial":
+            return full_steps, max(1, round(self.fraction * full_steps))
+        steps = self.steps or full_steps
+        return steps, steps
+
+
+def parse_mode(mode: str) -> ForesightMode:
+    """A foresight mode name -> ForesightMode; a one-line ValueError naming the forms."""
+    kind, colon, value = mode.partition(":")
+    if not colon and kind in POLICY_KINDS:
+        return ForesightMode(mode, kind)
+    if kind == "multistep" and value.isdigit() and int(value) >= 1:
+        return ForesightMode(mode, kind, steps=int(value))
+    if kind == "partial":
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = 0.0
+        if 0.0 < fraction < 1.0:
+            return ForesightMode(mode, kind, fraction=fraction)
     raise ValueError(
-        f"foresight mode '{mode}' is not one of onestep, shortcut, multistep:K (K >= 1)"
+        f"foresight mode '{mode}' is not one of onestep, shortcut, multistep, multistep:K "
+        "(K >= 1), partial:F (0 < F < 1)"
     )
+
+
+def foresight_streams(mode: str) -> tuple[str, ...]:
+    """The aggregator's input streams for a foresight mode: `onestep` reads the one-step features
+    only; every other mode reads them together with semantic and geometric tokens."""
+    return parse_mode(mode).streams
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policy.configuration_policy import foresight_streams
+from policy.configuration_policy import POLICY_KINDS
 
 ONESTEP_SOURCES = ("auto", "cached", "on-the-fly")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -14,16 +14,15 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 def mode_dirname(mode: str) -> str:
     """A foresight mode as a directory name: `multistep:25` -> `multistep-25`."""
-    foresight_streams(mode)
     return mode.replace(":", "-")
 
 
 @dataclass
 class PolicyTrainConfig:
     mode: str = "shortcut"
-    """Foresight mode: shortcut (one-step features + decoupler foresight), onestep (one-step
-    features only) or multistep:K (K teacher steps, real encoders on the generated frames; trained
-    on the cache's targets, so K must be the cache's number of steps)."""
+    """The policy to train: shortcut (one-step features + decoupler foresight), onestep (one-step
+    features only) or multistep (the real encoders on the teacher's generated frames, trained on
+    the cache's N-step targets; it runs every multistep:K and partial:F mode at inference)."""
     cache: str | None = None
     """Teacher-cache directory; None: cache.output_dir, else the run directory's cache/."""
     teacher: str | None = None
@@ -32,8 +31,8 @@ class PolicyTrainConfig:
     decouplers: str | None = None
     """Decoupler directory (shortcut); None: distill.output_dir, else the run's decouplers/."""
     output_dir: str | None = None
-    """Where the policy goes; None: the run directory's policy/<mode>/ (multistep:K as
-    multistep-K). Checkpoints go to a sibling `<output_dir>-train/`."""
+    """Where the policy goes; None: the run directory's policy/<mode>/. Checkpoints go to a
+    sibling `<output_dir>-train/`."""
     onestep: str = "auto"
     """Where one-step features come from: cached, on-the-fly (the teacher, fresh noise per clip
     and epoch) or auto (cached when the cache holds them)."""
@@ -69,10 +68,11 @@ class PolicyTrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
-        try:
-            foresight_streams(self.mode)
-        except ValueError as exc:
-            raise ValueError(f"train_policy.mode: {exc}") from exc
+        if self.mode not in POLICY_KINDS:
+            raise ValueError(
+                f"train_policy.mode='{self.mode}': one of {', '.join(POLICY_KINDS)} (multistep "
+                "trains on the cache's N-step foresight and runs multistep:K and partial:F)"
+            )
         if self.onestep not in ONESTEP_SOURCES:
             raise ValueError(
                 f"train_policy.onestep='{self.onestep}': one of {', '.join(ONESTEP_SOURCES)}"

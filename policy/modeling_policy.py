@@ -1,18 +1,20 @@
-"""`ShortcutPolicy`: (current frame, instruction[, state]) -> action chunk, in one of three
-foresight modes.
+"""`ShortcutPolicy`: (current frame, instruction[, state]) -> action chunk, in one of the
+foresight modes (`policy.configuration_policy.ForesightMode`).
 
     shortcut     teacher one-step pass ─► features ─┬────────────────────────────► onestep
                  current frame ─► DINOv2 / DA3 ─► reference tokens ─► decouplers ─► semantic,
                                                                                    geometric
     onestep      teacher one-step pass ─► features ──────────────────────────────► onestep
     multistep:K  teacher K-step generation ─► features of its first step ────────► onestep
-                                          └─► generated frames ─► DINOv2 / DA3 ──► semantic,
+    partial:F                             └─► generated frames ─► DINOv2 / DA3 ──► semantic,
                                                                                    geometric
     streams ─► Uni-Perceiver ─► tokens ─┐
     instruction ─► teacher's CLIP text encoder ─┼─► diffusion action head (DDIM) ─► unnormalise
     state ─► normalise ─────────────────────────┘
 
-A policy directory holds `config.json` (`ShortcutPolicyConfig`: the mode, the resolved model
+A policy directory holds `config.json` (`ShortcutPolicyConfig`: the policy kind trained
+(onestep, shortcut or multistep; a multistep policy runs any multistep:K or partial:F mode), the
+resolved model
 configs, and where the frozen parts live with their fingerprints) and `model.safetensors` (the
 aggregator, the head and both normalisers). Loading checks the teacher's fingerprint (its
 `teacher_config.json`), the encoders' fingerprints and each decoupler's config and weights hash
@@ -20,14 +22,19 @@ against what the policy was trained with; any difference is one PolicyLoadError 
 
 Randomness: the teacher's noise and then the head's initial noise are drawn from `generator` in
 that order, so the same generator state gives the same chunk.
+
+Parts: a control step runs the parts of PARTS in order, each inside `ShortcutPolicy.part(name)`;
+observers added to `ShortcutPolicy.observers` (context-manager factories taking the part's name)
+time them or count their FLOPs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from policy.configuration_policy import PolicyModelsConfig, foresight_streams
+from policy.configuration_policy import (
+    POLICY_KINDS,
+    PolicyModelsConfig,
+    foresight_streams,
+    parse_mode,
+)
 from policy.modeling_action_head import ActionCondition, DiffusionActionHead
 from policy.modeling_aggregator import UniPerceiver
 from policy.normalization import Normalizer
@@ -43,13 +55,11 @@ from policy.serialization import PolicyLoadError, load_weights, read_config, sav
 
 CLASS_NAME = "ShortcutPolicy"
 BRANCHES = ("semantic", "geometric")
-
-
-def multistep_steps(mode: str) -> int | None:
-    """K of `multistep:K`, None for the other modes."""
-    foresight_streams(mode)
-    kind, _, steps = mode.partition(":")
-    return int(steps) if kind == "multistep" else None
+PARTS = ("text", "teacher", "encoders", "decouplers", "aggregator", "head")
+"""The parts of a control step: instruction embedding (once per distinct instruction), the
+teacher (one-step pass, or generation and decoding), the encoders (on the current frame for the
+shortcut, on the generated frames otherwise), the decouplers, the aggregator, the action head
+(context encoding and every DDIM step)."""
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -66,6 +76,7 @@ class ShortcutPolicyConfig:
     """What a policy's `config.json` holds."""
 
     mode: str = "shortcut"
+    """The policy kind trained: onestep, shortcut or multistep (see `ForesightMode`)."""
     models: PolicyModelsConfig = field(default_factory=PolicyModelsConfig)
     """Aggregator (the mode's streams, dims resolved from the cache), head and normalisation."""
     feature_steps: int = 25
@@ -100,6 +111,8 @@ class ShortcutPolicyConfig:
         return self.mode == "shortcut"
 
     def validate(self) -> None:
+        if self.mode not in POLICY_KINDS:
+            raise ValueError(f"policy mode '{self.mode}' is not one of {', '.join(POLICY_KINDS)}")
         streams = self.streams
         self.models.validate()
         if self.models.aggregator.stream_names != streams:
@@ -203,19 +216,41 @@ def memoize_text(teacher: Any) -> None:
 
 
 class ShortcutPolicy:
-    """A trained policy of one foresight mode with the frozen models it reads."""
+    """A trained policy with the frozen models it reads, acting in one foresight mode (default:
+    the mode it was trained for; a multistep policy runs any multistep:K or partial:F)."""
 
-    def __init__(self, config: ShortcutPolicyConfig, net: PolicyNet, frozen: FrozenParts):
+    def __init__(
+        self,
+        config: ShortcutPolicyConfig,
+        net: PolicyNet,
+        frozen: FrozenParts,
+        mode: str | None = None,
+    ):
         config.validate()
         self.config = config
+        self.foresight = parse_mode(mode or config.mode)
+        if self.foresight.policy_kind != config.mode:
+            raise ValueError(
+                f"mode '{self.foresight.name}' runs a {self.foresight.policy_kind} policy, not "
+                f"this {config.mode} policy"
+            )
         self.net = net.eval().requires_grad_(False)
         self.frozen = frozen
+        self.observers: list[Callable[[str], contextlib.AbstractContextManager]] = []
         self._text: dict[str, torch.Tensor] = {}
         memoize_text(frozen.pipeline.teacher)
 
     @property
     def mode(self) -> str:
-        return self.config.mode
+        return self.foresight.name
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Run a part of the control step inside every observer's context."""
+        with contextlib.ExitStack() as stack:
+            for observer in self.observers:
+                stack.enter_context(observer(name))
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -241,43 +276,50 @@ class ShortcutPolicy:
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """The aggregator's streams of the mode for current frames (B, 3, H, W) uint8."""
-        frozen, mode = self.frozen, self.mode
-        steps = multistep_steps(mode)
-        if steps is None:
-            features = frozen.pipeline.features(
-                frames,
-                list(instructions),
-                generator=generator,
-                num_inference_steps=self.config.feature_steps,
-            )
-        else:
-            output = frozen.pipeline(
-                frames,
-                list(instructions),
-                generator=generator,
-                num_inference_steps=steps,
-                return_features=True,
-                decode=True,
-            )
+        frozen, foresight, instructions = self.frozen, self.foresight, list(instructions)
+        if foresight.generates:
+            schedule, steps = foresight.sampling(self.config.feature_steps)
+            with self.part("teacher"):
+                output = frozen.pipeline(
+                    frames,
+                    instructions,
+                    generator=generator,
+                    num_inference_steps=schedule,
+                    stop_step=steps,
+                    return_features=True,
+                    decode=True,
+                )
             features = output.features
+        else:
+            with self.part("teacher"):
+                features = frozen.pipeline.features(
+                    frames,
+                    instructions,
+                    generator=generator,
+                    num_inference_steps=self.config.feature_steps,
+                )
         streams = {"onestep": features_to_tokens(features).to(self.device)}
-        if mode == "onestep":
+        if foresight.kind == "onestep":
             return streams
-        if steps is None:  # shortcut: decoupler foresight from the real current frame's tokens
+        if foresight.generates:  # the real encoders on the generated frames
+            with self.part("encoders"):
+                streams["semantic"] = frozen.semantic(output.frames).to(self.device).float()
+                streams["geometric"] = frozen.geometric(output.frames).to(self.device).float()
+            return streams
+        # shortcut: decoupler foresight from the features and the real current frame's tokens
+        with self.part("encoders"):
             references = {
                 "semantic": frozen.semantic(frames),
                 "geometric": frozen.geometric(frames[:, None])[:, 0],
             }
-            feats = features.to(self.device).float()
+        feats = features.to(self.device).float()
+        with self.part("decouplers"):
             for branch in BRANCHES:
                 decoupler = frozen.decouplers[branch]
                 reference = references[branch].to(self.device).float()
                 streams[branch] = decoupler(
                     feats, reference if decoupler.config.reference else None
                 ).float()
-        else:  # multistep: the real encoders on the generated frames
-            streams["semantic"] = frozen.semantic(output.frames).to(self.device).float()
-            streams["geometric"] = frozen.geometric(output.frames).to(self.device).float()
         return streams
 
     # ----------------------------------------------------------------------------- predict
@@ -302,11 +344,27 @@ class ShortcutPolicy:
             instructions = [instructions] * batch
         if len(instructions) != batch:
             raise ValueError(f"{len(instructions)} instructions for {batch} frames")
+        streams = self.streams(frames, instructions, generator)
+        return self.act(streams, instructions, state, generator, num_inference_steps)
+
+    @torch.no_grad()
+    def act(
+        self,
+        streams: Mapping[str, torch.Tensor],
+        instructions: Sequence[str],
+        state: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Action chunks (B, K, A), unnormalised, from the mode's streams (`streams`)."""
         if state is not None:
             state = torch.as_tensor(state, dtype=torch.float32)
-        streams = self.streams(frames, instructions, generator)
-        cond = self.net.condition(streams, self.text(instructions), state)
-        chunk = self.net.head.sample(cond, generator, num_inference_steps)
+        with self.part("text"):
+            text = self.text(list(instructions))
+        with self.part("aggregator"):
+            cond = self.net.condition(streams, text, state)
+        with self.part("head"):
+            chunk = self.net.head.sample(cond, generator, num_inference_steps)
         return self.net.action_normalizer.unnormalize(chunk.float())
 
     # ---------------------------------------------------------------------------- save/load
@@ -323,10 +381,17 @@ class ShortcutPolicy:
         decouplers: str | os.PathLike | None = None,
         teacher_config: Any = None,
         device: str | torch.device = "cpu",
+        mode: str | None = None,
     ) -> ShortcutPolicy:
         """Load a policy directory and the frozen parts it records (`teacher`, `decouplers`
-        override their directories); every fingerprint is checked."""
+        override their directories), to act in `mode` (default: the mode it was trained for);
+        every fingerprint is checked."""
         config = read_config(path, CLASS_NAME, ShortcutPolicyConfig)
+        if mode is not None and parse_mode(mode).policy_kind != config.mode:
+            raise PolicyLoadError(
+                f"{path}: a {config.mode} policy cannot act in mode '{mode}' (it needs a "
+                f"{parse_mode(mode).policy_kind} policy)"
+            )
         net = PolicyNet(config)
         load_weights(path, net)
         frozen = load_frozen(
@@ -337,7 +402,7 @@ class ShortcutPolicy:
             device=device,
             where=Path(path),
         )
-        return cls(config, net.to(device), frozen)
+        return cls(config, net.to(device), frozen, mode)
 
 
 def save_policy(path: str | os.PathLike, config: ShortcutPolicyConfig, net: PolicyNet) -> Path:

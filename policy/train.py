@@ -7,9 +7,10 @@ Streams per mode, all from the cache:
   and epoch);
 - `shortcut`: those features plus the decouplers' foresight from them and the cached reference
   tokens of the real current frame (what the policy computes at inference);
-- `multistep:N`: those features plus the cached semantic and geometric targets, i.e. the
-  encoders on the teacher's N-step generation. N must be the cache's number of steps: other K
-  would need the teacher to generate every clip on the fly, which this trainer does not do.
+- `multistep`: those features plus the cached semantic and geometric targets, i.e. the encoders
+  on the teacher's N-step generation. This one policy runs every generating mode at inference
+  (`multistep:K` for any K, `partial:F`): retraining per K would need the teacher to generate
+  every clip on the fly, so the cheaper foresight is judged by the policy trained on the best.
 
 The instruction is embedded by the teacher's frozen CLIP text encoder (computed once per
 distinct instruction). Actions and the current state are normalised with statistics of the train
@@ -23,6 +24,7 @@ Layout: `<output_dir>/` (a ShortcutPolicy directory plus `train_policy.json`), d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -46,7 +48,6 @@ from policy.modeling_policy import (
     ShortcutPolicyConfig,
     features_to_tokens,
     file_fingerprint,
-    multistep_steps,
     save_policy,
 )
 from svam.checkpoints import CheckpointDir
@@ -243,14 +244,6 @@ class PolicyTrainer:
         self.source = onestep_source(
             self.cache, config.train_policy.onestep, "train_policy.onestep"
         )
-        steps = multistep_steps(self.mode)
-        cached_steps = self.cache.manifest["num_inference_steps"]
-        if steps is not None and steps != cached_steps:
-            raise PolicyTrainError(
-                f"train_policy.mode={self.mode} but the cache's targets come from {cached_steps} "
-                f"teacher steps ({self.cache.manifest_path}): train multistep:{cached_steps} "
-                "(other K would need on-the-fly generation, which train-policy does not do)"
-            )
         if self.mode == "shortcut":
             for branch in BRANCHES:
                 if not (paths.decouplers / branch / "model.safetensors").is_file():
@@ -669,3 +662,40 @@ def train_policy(config: Config, out_dir: str | Path | None = None) -> Path:
     if out_dir is not None:
         config.train_policy.output_dir = str(out_dir)
     return PolicyTrainer(config, policy_paths(config)).train()
+
+
+def evaluated_kinds(config: Config) -> list[str]:
+    """The policy kinds `eval.modes` runs (train_policy.mode when no modes are set)."""
+    from policy.configuration_policy import parse_mode
+
+    modes = config.eval.modes or [config.train_policy.mode]
+    return list(dict.fromkeys(parse_mode(mode).policy_kind for mode in modes))
+
+
+def _for_kind(config: Config, kind: str) -> Config:
+    if config.train_policy.output_dir and len(evaluated_kinds(config)) > 1:
+        raise PolicyTrainError(
+            f"train_policy.output_dir={config.train_policy.output_dir} cannot hold the "
+            f"{', '.join(evaluated_kinds(config))} policies eval.modes needs: leave it unset"
+        )
+    kind_config = copy.deepcopy(config)
+    kind_config.train_policy.mode = kind
+    return kind_config
+
+
+def train_evaluated_policies(config: Config) -> list[Path]:
+    """`svam demo`'s policy stage: train (or find trained) every policy kind the evaluation's
+    modes run."""
+    trained = []
+    for kind in evaluated_kinds(config):
+        kind_config = _for_kind(config, kind)
+        if is_policy_trained(kind_config):
+            tqdm.write(f"train-policy: {kind} policy already trained for this config, skipped")
+            trained.append(policy_paths(kind_config).output)
+        else:
+            trained.append(train_policy(kind_config))
+    return trained
+
+
+def are_evaluated_policies_trained(config: Config) -> bool:
+    return all(is_policy_trained(_for_kind(config, k)) for k in evaluated_kinds(config))

@@ -2,9 +2,11 @@
 
     .venv/bin/python scripts/bench_policy.py                    # tiny config, random init
     .venv/bin/python scripts/bench_policy.py --steps 50 --multistep 25 --device cuda
+    .venv/bin/python scripts/bench_policy.py --modes onestep,shortcut,partial:0.5,multistep:2
 
 Builds the tiny config's teacher, encoders and decouplers (random init; latency does not depend
-on the weights), a policy per mode (`onestep`, `shortcut`, `multistep:K`) with its data dims,
+on the weights), a policy per mode (`onestep`, `shortcut`, `multistep:K`, `partial:F`) with its
+data dims,
 and times `ShortcutPolicy.predict` on one random 64x64 frame: median and p95 over `--steps`
 steps after `--warmup`. The breakdown times each part inside the same steps with forward hooks
 and method wrappers: the teacher (one-step pass, or K-step generation and decoding), the encoders
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from distill.modeling_decoupler import build_decouplers
+from policy.configuration_policy import parse_mode
 from policy.modeling_policy import FrozenParts, PolicyNet, ShortcutPolicy, ShortcutPolicyConfig
 from policy.train import models_for
 from svam.config import load_config
@@ -105,7 +108,7 @@ def build(config, mode: str, frozen: FrozenParts, feature_steps: int, device) ->
         text=(teacher.max_text_length, teacher.text_hidden_size),
     )
     policy_config = ShortcutPolicyConfig(
-        mode=mode,
+        mode=parse_mode(mode).policy_kind,
         models=models,
         feature_steps=feature_steps,
         use_state=True,
@@ -115,7 +118,7 @@ def build(config, mode: str, frozen: FrozenParts, feature_steps: int, device) ->
     net = PolicyNet(policy_config)
     net.action_normalizer.fit([torch.rand(64, 4) * 2 - 1])
     net.state_normalizer.fit([torch.rand(64, 4)])
-    return ShortcutPolicy(policy_config, net.to(device), frozen)
+    return ShortcutPolicy(policy_config, net.to(device), frozen, mode)
 
 
 def main() -> None:
@@ -123,7 +126,9 @@ def main() -> None:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--multistep", type=int, default=25, help="K of the multistep baseline")
+    parser.add_argument(
+        "--multistep", type=int, help="K of the `multistep` mode (default: the config's N)"
+    )
     parser.add_argument("--modes", default="onestep,shortcut,multistep")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -157,7 +162,9 @@ def main() -> None:
     state = torch.rand(1, 4)
     modes = []
     for mode in args.modes.split(","):
-        modes.append(f"multistep:{args.multistep}" if mode == "multistep" else mode)
+        modes.append(
+            f"multistep:{args.multistep or feature_steps}" if mode == "multistep" else mode
+        )
     results = {}
     print(
         f"bench_policy: {args.config} config, random init, {device}, {torch.get_num_threads()} "
@@ -220,7 +227,7 @@ def main() -> None:
     if "shortcut" in results and "onestep" in results:
         short, one = results["shortcut"]["median_ms"], results["onestep"]["median_ms"]
         print(f"\nshortcut overhead over onestep: +{short - one:.1f} ms ({short / one:.2f}x)")
-    multistep = f"multistep:{args.multistep}"
+    multistep = f"multistep:{args.multistep or feature_steps}"
     if "shortcut" in results and multistep in results:
         speedup = results[multistep]["median_ms"] / results["shortcut"]["median_ms"]
         print(f"shortcut speed-up over {multistep}: {speedup:.1f}x")

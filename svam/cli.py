@@ -31,12 +31,16 @@ class Stage:
     """'module:function' telling whether the run already holds this stage's output for the config."""
     options: tuple[str, ...] = ()
     """Stage options the verb takes as flags: 'out_dir' (--out) and 'dry_run' (--dry-run)."""
+    demo_entry: str | None = None
+    """What `svam demo` runs for this stage instead of `entry` (with its own `demo_done`)."""
+    demo_done: str | None = None
 
-    def load(self) -> Callable:
-        return _import(self.entry)
+    def load(self, demo: bool = False) -> Callable:
+        return _import(self.demo_entry if demo and self.demo_entry else self.entry)
 
-    def is_done(self, config: Config) -> bool:
-        return self.done is not None and _import(self.done)(config)
+    def is_done(self, config: Config, demo: bool = False) -> bool:
+        done = self.demo_done if demo and self.demo_entry else self.done
+        return done is not None and _import(done)(config)
 
 
 def _import(entry: str) -> Callable:
@@ -101,26 +105,34 @@ STAGES = [
     Stage(
         "train-policy",
         "train the Uni-Perceiver and the diffusion action policy",
-        """Trains the aggregator and the diffusion action head for one foresight mode
-        (train_policy.mode: shortcut, onestep or multistep:K with K the cache's steps) with the
-        teacher, encoders and decouplers frozen; streams come from the cache (one-step features,
-        decoupler foresight, cached multi-step targets). accelerate, EMA weights, tensorboard,
-        checkpoints it resumes from exactly; normalisers fitted on the train split.
+        """Trains the aggregator and the diffusion action head of one policy kind
+        (train_policy.mode: shortcut, onestep, or multistep, which runs every multistep:K and
+        partial:F mode) with the teacher, encoders and decouplers frozen; streams come from the
+        cache (one-step features, decoupler foresight, cached N-step targets). accelerate, EMA
+        weights, tensorboard, checkpoints it resumes from exactly; normalisers fitted on the
+        train split. `svam demo` trains every kind eval.modes needs.
         Reads: cache/, teacher/, decouplers/. Writes: runs/<name>/policy/<mode>/ (or --out).""",
         "policy.train:train_policy",
         done="policy.train:is_policy_trained",
         options=("out_dir",),
+        demo_entry="policy.train:train_evaluated_policies",
+        demo_done="policy.train:are_evaluated_policies_trained",
     ),
     Stage(
         "eval",
-        "roll out trained policies in Meta-World on unseen seeds",
-        """Closed-loop rollouts of the policies of eval.modes (default: train_policy.mode) on
-        eval.tasks at seeds never used for collection, executing the first eval.execute_actions
-        actions of each chunk; success rate per task and overall, control-step latency (median,
-        p95) and a few rollouts as GIFs. Episodes run sequentially in one process.
-        Reads: policy/, teacher/ (decouplers/). Writes: runs/<name>/eval/<mode>/ (or --out).""",
-        "svam.eval.metaworld:evaluate",
-        done="svam.eval.metaworld:is_evaluated",
+        "the latency–fidelity report of every foresight mode",
+        """Measures each mode of eval.modes (onestep, shortcut, multistep:K, partial:F) side by
+        side: control-step latency (median, p95; modes interleaved, threads fixed), FLOPs per
+        step by part against this machine's measured matmul peak, foresight fidelity against the
+        cache's N-step targets and action error on validation clips, and task success in
+        Meta-World closed loop on seeds never used for collection (eval.workers processes, a few
+        rollouts as GIFs). Writes report.md (headline table, the answer to "does the shortcut
+        beat raw one-step features, and how far is it from full multi-step foresight"),
+        report.json, PNG plots with the Pareto front, and tensorboard figures. A rerun reuses
+        every measurement whose inputs did not change; a mode without a policy is reported as
+        missing. Reads: policy/, cache/, teacher/, decouplers/. Writes: runs/<name>/eval/.""",
+        "svam.eval.evaluate:evaluate",
+        done="svam.eval.evaluate:is_evaluated",
         options=("out_dir",),
     ),
 ]
@@ -156,14 +168,30 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """Every stage in order on one run directory, skipping stages whose output is complete."""
+    """Every stage in order on one run directory, skipping stages whose output is complete;
+    ends with the report's path and headline table."""
+    import time
+
+    from tqdm.auto import tqdm
+
     config = _config_from(args)
-    for stage in STAGES:
-        if stage.is_done(config):
-            print(f"demo: {stage.verb}: already done for this config, skipped")
-            continue
-        print(f"demo: {stage.verb}")
-        stage.load()(config)
+    start = time.perf_counter()
+    with tqdm(total=len(STAGES), desc="demo", unit="stage", position=0) as bar:
+        for index, stage in enumerate(STAGES, 1):
+            bar.set_description(f"demo [{index}/{len(STAGES)}] {stage.verb}")
+            if stage.is_done(config, demo=True):
+                tqdm.write(f"demo: {stage.verb}: already done for this config, skipped")
+            else:
+                tqdm.write(f"demo: {stage.verb}")
+                stage.load(demo=True)(config)
+            bar.update()
+    from svam.eval.evaluate import REPORT_JSON, evaluate_dir
+    from svam.eval.report import headline_table
+
+    report = evaluate_dir(config)
+    minutes, seconds = divmod(int(time.perf_counter() - start), 60)
+    print(f"\ndemo: done in {minutes}m{seconds:02d}s; report: {report / 'report.md'}\n")
+    print(headline_table(json.loads((report / REPORT_JSON).read_text())))
     return 0
 
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -67,13 +68,25 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     stages = [stage.verb for stage in STAGES]
-    assert [
-        line[len("demo: ") :] for line in out.splitlines() if line.startswith("demo: ")
-    ] == stages
+    ran = [line[len("demo: ") :] for line in out.splitlines() if line.startswith("demo: ")]
+    assert ran[:-1] == stages and ran[-1].startswith("done in")
+    report = tmp_path / "micro" / "eval" / "report.json"
+    assert f"report: {report.with_name('report.md')}" in out
+    modes = json.loads(report.read_text())["modes"]
+    assert list(modes) == ["onestep", "shortcut", "multistep:2", "partial:0.5"]
+    assert all(result["status"] == "ok" for result in modes.values())
+    policies = (tmp_path / "micro" / "policy").iterdir()
+    assert sorted(p.name for p in policies if not p.name.endswith("-train")) == [
+        "multistep",
+        "onestep",
+        "shortcut",
+    ]
+    headline = out[out.rindex("| mode |") :].splitlines()
+    assert len(headline) == 2 + len(modes)  # the table ends the output
     episodes = tmp_path / "micro" / "episodes" / "shard-00000.tar"
-    before = episodes.stat().st_mtime_ns
+    before = episodes.stat().st_mtime_ns, report.stat().st_mtime_ns
     assert main(args) == 0
     out = capsys.readouterr().out
     for verb in stages:
         assert f"demo: {verb}: already done for this config, skipped" in out
-    assert episodes.stat().st_mtime_ns == before
+    assert (episodes.stat().st_mtime_ns, report.stat().st_mtime_ns) == before

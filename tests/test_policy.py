@@ -1,5 +1,6 @@
-"""`ShortcutPolicy`, `svam train-policy` and the Meta-World evaluation, on a micro teacher, the
-micro encoders, random decouplers and a synthetic teacher cache of their shapes."""
+"""`ShortcutPolicy`, `svam train-policy` and `svam eval` (latency, FLOPs, fidelity, closed-loop
+Meta-World, the report), on a micro teacher, the micro encoders, random decouplers and a
+synthetic teacher cache of their shapes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from distill.modeling_decoupler import Decoupler
 from policy.configuration_train import mode_dirname
 from policy.modeling_policy import ShortcutPolicy
 from policy.serialization import PolicyLoadError
-from policy.train import PolicyTrainError, is_policy_trained, policy_paths, train_policy
+from policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.config import load_config
 from svam.data.teacher_cache import write_teacher_cache
 from teachers.encoders import build_encoders
@@ -148,10 +149,10 @@ def overrides(root: Path, cache: Path, mode: str, *extra: str, runs: Path | None
 
 @pytest.fixture(scope="module")
 def trained(world):
-    """One 4-step policy per mode (the cache's N=3 for multistep)."""
+    """One 4-step policy per kind (the multistep one on the cache's N=3 foresight)."""
     root, cache = world
     out = {}
-    for mode in ("shortcut", "onestep", "multistep:3"):
+    for mode in ("shortcut", "onestep", "multistep"):
         config = load_config(
             "micro",
             overrides(root, cache, mode, "train_policy.steps=4", "train_policy.checkpoint_every=2"),
@@ -253,37 +254,157 @@ def test_train_lowers_loss_and_resumes_exactly(world, tmp_path):
         assert torch.equal(tensor, resumed[key]), key
 
 
-def test_multistep_needs_the_caches_steps(world, tmp_path):
+def test_multistep_policy_runs_every_generating_mode(world, trained, tmp_path):
+    """multistep:K for any K and partial:F run the multistep policy; the shortcut and onestep
+    modes need their own policies; a bad mode is one line naming the forms."""
+    frames, state = frames_state()
+    steps = {}
+    for mode in ("multistep:1", "multistep:2", "multistep", "partial:0.5"):
+        policy = ShortcutPolicy.from_pretrained(trained["multistep"], mode=mode)
+        calls = []
+        generate = policy.frozen.pipeline.__class__.__call__
+
+        def counting(pipeline, *args, _calls=calls, _generate=generate, **kwargs):
+            out = _generate(pipeline, *args, **kwargs)
+            _calls.append(out.steps)
+            return out
+
+        policy.frozen.pipeline.__class__.__call__ = counting
+        try:
+            chunk = policy.predict(frames, "do reach-v3", state, generator=torch.Generator())
+        finally:
+            policy.frozen.pipeline.__class__.__call__ = generate
+        assert chunk.shape == (2, 4, 4) and torch.isfinite(chunk).all()
+        steps[mode] = calls
+    # the cache's N = 3: multistep is multistep:3; partial:0.5 stops after round(1.5) = 2 steps
+    assert steps == {"multistep:1": [1], "multistep:2": [2], "multistep": [3], "partial:0.5": [2]}
+    with pytest.raises(PolicyLoadError, match="a multistep policy cannot act in mode 'shortcut'"):
+        ShortcutPolicy.from_pretrained(trained["multistep"], mode="shortcut")
+    with pytest.raises(PolicyLoadError, match="needs a multistep policy"):
+        ShortcutPolicy.from_pretrained(trained["onestep"], mode="partial:0.25")
+    with pytest.raises(ValueError, match=r"partial:F \(0 < F < 1\)"):
+        ShortcutPolicy.from_pretrained(trained["multistep"], mode="partial:1.5")
     root, cache = world
-    with pytest.raises(PolicyTrainError, match="multistep:3"):
-        train_policy(load_config("micro", overrides(root, cache, "multistep:5", runs=tmp_path)))
-    assert (
-        policy_paths(
-            load_config("micro", overrides(root, cache, "multistep:5", runs=tmp_path))
-        ).output.name
-        == "multistep-5"
-    )
+    with pytest.raises(PolicyTrainError, match="train_policy.mode='multistep:3': one of"):
+        train_policy(load_config("micro", overrides(root, cache, "multistep:3", runs=tmp_path)))
 
 
-def test_tiny_rollout_reports_a_success_rate(trained, tmp_path):
-    from svam.eval.metaworld import evaluate
+def test_flops_of_a_mode_are_the_sum_of_its_parts(trained):
+    from svam.eval.measure import flops
 
-    config = load_config(
-        "micro",
-        [
-            f"run.root={tmp_path}",
-            f"eval.policy={trained['shortcut']}",
-            "eval.tasks=[reach-v3]",
-            "eval.episodes_per_task=1",
-            "eval.max_steps=6",
-            "eval.execute_actions=3",
-        ],
-    )
-    out = evaluate(config)
-    report = json.loads((out / "shortcut" / "results.json").read_text())
-    task = report["tasks"]["reach-v3"]
-    assert task["episodes"] == 1 and 0.0 <= task["success_rate"] <= 1.0
-    assert report["overall"]["episodes"] == 1
-    assert task["seeds"][0] >= config.collect.seed_start + config.collect.episodes_per_task
-    assert report["latency_ms"]["median"] > 0 and report["steps"] == 6
-    assert list((out / "shortcut" / "videos").glob("*.gif"))
+    frames, state = frames_state(1)
+    observation = {"frames": frames, "instruction": "do reach-v3", "state": state}
+    counted = {}
+    for mode, kind in (
+        ("onestep", "onestep"),
+        ("shortcut", "shortcut"),
+        ("multistep:1", "multistep"),
+        ("multistep:2", "multistep"),
+        ("partial:0.5", "multistep"),
+    ):
+        policy = ShortcutPolicy.from_pretrained(trained[kind], mode=mode)
+        counted[mode] = result = flops(policy, observation)
+        assert result["total"] > 0 and sum(result["parts"].values()) == result["total"]
+        assert result["parts"]["text"] == 0  # cached after the warm-up step, as in closed loop
+        assert result["parts"]["head"] > 0 and result["parts"]["aggregator"] > 0
+    parts = {mode: result["parts"] for mode, result in counted.items()}
+    assert parts["onestep"]["encoders"] == parts["onestep"]["decouplers"] == 0
+    assert parts["shortcut"]["decouplers"] > 0 and parts["shortcut"]["encoders"] > 0
+    assert parts["multistep:2"]["decouplers"] == 0
+    # one more UNet evaluation per step; partial:0.5 of N=3 runs 2 steps
+    unet = parts["multistep:2"]["teacher"] - parts["multistep:1"]["teacher"]
+    assert unet > 0 and parts["partial:0.5"]["teacher"] == parts["multistep:2"]["teacher"]
+    # the one-step pass stops after its up-blocks and decodes nothing
+    assert parts["onestep"]["teacher"] < parts["multistep:1"]["teacher"]
+
+
+def eval_overrides(root: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        f"run.root={runs}",
+        "run.name=run",
+        "eval.tasks=[reach-v3]",
+        "eval.episodes_per_task=2",
+        "eval.max_steps=4",
+        "eval.execute_actions=3",
+        "eval.latency_steps=2",
+        "eval.warmup_steps=1",
+        "eval.fidelity_clips=4",
+        "eval.fidelity_batch=2",
+        "eval.workers=1",
+        *extra,
+    ]
+
+
+def test_eval_reports_every_mode_and_reuses_what_did_not_change(trained, world, tmp_path):
+    from svam.eval.evaluate import evaluate, is_evaluated
+
+    root, _ = world
+    for kind in ("shortcut", "multistep"):  # no onestep policy: reported as missing
+        shutil.copytree(trained[kind], tmp_path / "run" / "policy" / kind)
+    modes = "eval.modes=[onestep,shortcut,multistep:2,partial:0.5]"
+    config = load_config("micro", eval_overrides(root, tmp_path, modes))
+    assert not is_evaluated(config)
+    path = evaluate(config)
+    out = path.parent
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["modes"]) == ["onestep", "shortcut", "multistep:2", "partial:0.5"]
+    missing = report["modes"]["onestep"]
+    assert missing["status"] == "missing" and "train_policy.mode=onestep" in missing["reason"]
+    text = path.read_text()
+    for mode in report["modes"]:
+        assert f"`{mode}`" in text
+    assert "missing" in text and missing["reason"] in text
+    for mode in ("shortcut", "multistep:2", "partial:0.5"):
+        result = report["modes"][mode]
+        assert result["status"] == "ok"
+        assert result["latency_ms"]["count"] == 2 and result["latency_ms"]["median"] > 0
+        assert sum(result["flops"]["parts"].values()) == result["flops"]["total"]
+        assert 0 < result["peak_fraction"]
+        assert -1 <= result["foresight"]["semantic_cosine"] <= 1
+        assert result["action"]["clips"] == 4 and result["action"]["mse"] > 0
+        success = result["success"]
+        assert success["episodes"] == 2 and 0 <= success["rate"] <= 1
+        assert success["tasks"]["reach-v3"]["episodes"] == 2
+        assert len(success["ci95"]) == 2 and success["ci95"][0] <= success["rate"]
+        assert (out / result["videos"][0]).is_file()
+    seeds = report["settings"]["seeds"]
+    assert seeds[0] >= config.collect.seed_start + config.collect.episodes_per_task
+    for png in ("latency_fidelity.png", "success_per_task.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "run" / "tb" / "eval").glob("events.out.tfevents.*"))
+    assert is_evaluated(config)
+
+    # a rerun with more episodes redoes the rollouts only
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "report.json"}
+    more = load_config("micro", eval_overrides(root, tmp_path, modes, "eval.episodes_per_task=3"))
+    assert not is_evaluated(more)
+    evaluate(more)
+    changed = {p.relative_to(out).as_posix() for p in stamps if p.stat().st_mtime_ns != stamps[p]}
+    assert changed == {f"{m}/rollouts.json" for m in ("shortcut", "multistep-2", "partial-0.5")}
+    report = json.loads((out / "report.json").read_text())
+    assert report["modes"]["shortcut"]["success"]["episodes"] == 3
+
+
+def test_parallel_episodes_match_sequential_ones(trained):
+    from svam.eval.metaworld import Episode, rollouts
+
+    settings = {
+        "tasks": ["reach-v3"],
+        "seeds": [6, 7],
+        "max_steps": 6,
+        "execute_actions": 3,
+        "camera": "corner",
+        "image_size": SIZE,
+    }
+    episodes = [
+        Episode("shortcut", str(trained["shortcut"]), "reach-v3", seed, record=False)
+        for seed in settings["seeds"]
+    ]
+    options = dict(teacher=None, decouplers=None, device="cpu", threads=1, run_seed=0)
+    runs = []
+    for workers in (1, 2):
+        outcomes = sorted(
+            rollouts(episodes, settings, workers, **options), key=lambda o: o.episode.seed
+        )
+        runs.append([(o.episode.seed, o.success, o.steps) for o in outcomes])
+    assert runs[0] == runs[1] and [seed for seed, _, _ in runs[0]] == [6, 7]

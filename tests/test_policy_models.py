@@ -90,6 +90,7 @@ def seeded(module_class, config):
         ("onestep", ("onestep",)),
         ("shortcut", ("onestep", "semantic", "geometric")),
         ("multistep:5", ("onestep", "semantic", "geometric")),
+        ("partial:0.5", ("onestep", "semantic", "geometric")),
     ],
 )
 def test_aggregator_shapes_per_foresight_mode(mode, streams):

@@ -1,23 +1,25 @@
-"""Configuration of `svam eval` (its Meta-World part): closed-loop rollouts of trained policies."""
+"""Configuration of `svam eval`: the latency–fidelity report of every foresight mode."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policy.configuration_policy import foresight_streams
+from policy.configuration_policy import parse_mode
 
 
 @dataclass
 class EvalConfig:
     modes: list[str] | None = None
-    """Foresight modes whose policies (runs/<name>/policy/<mode>/) are evaluated; None: the one
+    """Foresight modes to compare (onestep, shortcut, multistep:K, partial:F); each runs the
+    run's policy/<kind>/ (multistep:K and partial:F the multistep policy). None: the one
     train_policy.mode names."""
     policy: str | None = None
-    """Evaluate this policy directory instead (its mode is read from it)."""
+    """Evaluate this policy directory instead, in the mode it was trained for (eval.modes, when
+    set, must all run on it)."""
     teacher: str | None = None
-    """Override the teacher directory the policy recorded."""
+    """Override the teacher directory the policies recorded."""
     decouplers: str | None = None
-    """Override the decoupler directory the policy recorded."""
+    """Override the decoupler directory the policies recorded."""
     output_dir: str | None = None
     """None: the run directory's eval/."""
     tasks: list[str] | None = None
@@ -31,22 +33,49 @@ class EvalConfig:
     execute_actions: int = 4
     """Receding horizon: actions of each predicted chunk executed before predicting again."""
     videos_per_task: int = 1
-    """Rollouts per task saved as GIF (the first episodes)."""
+    """Rollouts per task and mode saved as GIF (the first episodes)."""
+    workers: int = 1
+    """Processes the closed-loop episodes run in (each loads the policies once, uses `threads`
+    threads). On CPU, processes beat torch's intra-op threads on models this small."""
+    threads: int | None = 1
+    """torch threads for the latency and FLOP measurements and in each rollout worker; None:
+    torch's default. Fixed so that latencies compare across runs and modes."""
+    latency_steps: int = 50
+    """Timed control steps per mode (after `warmup_steps`), interleaved across modes."""
+    warmup_steps: int = 3
+    fidelity_clips: int | None = 32
+    """Validation clips of the foresight and action fidelity (evenly over the split); None: all."""
+    fidelity_batch: int = 8
+    rollouts: bool = True
+    """Run the closed-loop episodes (task success); false reports success as not measured."""
+    tensorboard: bool = True
+    """Log the report's figures to <run>/tb/eval/."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
 
     def validate(self) -> None:
         for mode in self.modes or []:
             try:
-                foresight_streams(mode)
+                parse_mode(mode)
             except ValueError as exc:
                 raise ValueError(f"eval.modes: {exc}") from exc
-        for key in ("episodes_per_task", "execute_actions"):
+        if self.modes is not None and len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"eval.modes lists a mode twice: {self.modes}")
+        for key in (
+            "episodes_per_task",
+            "execute_actions",
+            "workers",
+            "latency_steps",
+            "fidelity_batch",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key}={getattr(self, key)} must be at least 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"eval.max_steps={self.max_steps} must be at least 1")
-        if self.videos_per_task < 0:
-            raise ValueError(f"eval.videos_per_task={self.videos_per_task} must be at least 0")
+        for key in ("max_steps", "threads", "fidelity_clips"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"eval.{key}={value} must be at least 1 (or null)")
+        for key in ("videos_per_task", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.{key}={getattr(self, key)} must be at least 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"eval.device='{self.device}': one of auto, cpu, cuda")

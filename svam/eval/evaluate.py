@@ -1,0 +1,617 @@
+"""`svam eval`: the latency–fidelity report of every foresight mode, measured side by side.
+
+For each mode of `eval.modes` (its policy: the run's `policy/<kind>/`, see `ForesightMode`):
+
+1. task success in Meta-World closed loop (`svam.eval.metaworld`): `eval.episodes_per_task`
+   episodes per task at seeds never used for collection, in `eval.workers` processes;
+2. foresight fidelity against the cache's N-step targets and action error, on validation clips
+   (`svam.eval.measure.fidelity`);
+3. FLOPs of a control step by part;
+4. control-step latency, all modes interleaved in one loop, threads fixed, with this machine's
+   measured matmul peak.
+
+Each measurement is stored under `<eval>/` with the key of what it depends on (the policy's
+config and weights, the settings, the cache, the machine for latency), so a rerun redoes only
+what changed; the latency of every mode is re-measured together whenever one mode changes.
+`report.md`, `report.json` and the PNG plots (`svam.eval.report`) are rebuilt from them every
+time, and the figures go to tensorboard (`<run>/tb/eval/`). A mode whose policy is missing is
+reported as missing, not dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policy.configuration_policy import ForesightMode, parse_mode
+from policy.configuration_train import mode_dirname
+from svam.config import Config, config_hash
+from svam.rundir import RunDir
+
+REPORT_JSON = "report.json"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run; one line naming the key or file."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A mode to evaluate and the policy directory it runs."""
+
+    foresight: ForesightMode
+    policy: Path
+
+    @property
+    def mode(self) -> str:
+        return self.foresight.name
+
+    @property
+    def missing(self) -> str | None:
+        """Why the mode cannot be evaluated, or None."""
+        if (self.policy / "config.json").is_file() and (
+            self.policy / "model.safetensors"
+        ).is_file():
+            return None
+        return (
+            f"no policy at {self.policy} (run `svam train-policy "
+            f"train_policy.mode={self.foresight.policy_kind}`)"
+        )
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+def targets(config: Config) -> list[Target]:
+    args, run = config.eval, RunDir.from_config(config)
+    if args.policy:
+        path = Path(args.policy)
+        try:
+            kind = json.loads((path / "config.json").read_text())["mode"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise EvalError(f"eval.policy: {path} is not a policy directory ({exc})") from exc
+        modes = [parse_mode(m) for m in args.modes or [kind]]
+        for foresight in modes:
+            if foresight.policy_kind != kind:
+                raise EvalError(
+                    f"eval.modes: '{foresight.name}' needs a {foresight.policy_kind} policy, but "
+                    f"eval.policy={path} is a {kind} policy"
+                )
+        return [Target(foresight, path) for foresight in modes]
+    modes = [parse_mode(m) for m in args.modes or [config.train_policy.mode]]
+    return [Target(f, run.policy / mode_dirname(f.policy_kind)) for f in modes]
+
+
+def settings_of(config: Config) -> dict[str, Any]:
+    """Tasks, seeds and horizon of the closed-loop episodes, from the eval and collect keys."""
+    from svam.envs.metaworld import check_tasks
+
+    args, collect = config.eval, config.collect
+    tasks = list(args.tasks or collect.tasks)
+    check_tasks(tasks, "eval.tasks")
+    used = range(collect.seed_start, collect.seed_start + collect.episodes_per_task)
+    first = args.seed_start if args.seed_start is not None else used.stop
+    seeds = range(first, first + args.episodes_per_task)
+    if seeds.start < used.stop and used.start < seeds.stop:
+        raise EvalError(
+            f"eval.seed_start={first}: seeds {seeds.start}..{seeds.stop - 1} overlap the "
+            f"collection's seeds {used.start}..{used.stop - 1}; evaluate on seeds >= {used.stop}"
+        )
+    return {
+        "tasks": tasks,
+        "seeds": list(seeds),
+        "max_steps": args.max_steps or collect.max_steps,
+        "execute_actions": args.execute_actions,
+        "camera": collect.camera,
+        "image_size": collect.image_size,
+    }
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _policy_key(config: Config, target: Target) -> str | None:
+    """What a mode's results depend on besides the settings; None when the policy is missing."""
+    if target.missing:
+        return None
+    return _digest(
+        target.mode,
+        _file_digest(target.policy / "config.json"),
+        _file_digest(target.policy / "model.safetensors"),
+        config.eval.teacher,
+        config.eval.decouplers,
+        config.run.seed,
+    )
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    processor = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                processor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "processor": processor,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else processor,
+    }
+    return {**info, "fingerprint": _digest(info)}
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def evaluate_dir(config: Config) -> Path:
+    """Where `svam eval` writes: eval.output_dir, else the run directory's eval/."""
+    return Path(config.eval.output_dir or RunDir.from_config(config).eval)
+
+
+def _read(path: Path, key: str) -> dict | None:
+    """The stored measurement at `path` when it was made for `key`."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("key") == key else None
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+class Evaluation:
+    """One `svam eval` run: its targets, their keys, the stored measurements it reuses."""
+
+    def __init__(self, config: Config):
+        try:
+            config.eval.validate()
+        except ValueError as exc:
+            raise EvalError(str(exc)) from exc
+        self.config, self.args = config, config.eval
+        self.settings = settings_of(config)
+        self.targets = targets(config)
+        self.root = evaluate_dir(config)
+        self.machine = machine()
+        self.device = _device(self.args.device)
+        self.policy_keys = {t.mode: _policy_key(config, t) for t in self.targets}
+        self.ok = [t for t in self.targets if self.policy_keys[t.mode]]
+        self.cache = self._cache_dir()
+        self.baselines = self._baselines_path()
+
+    def _cache_dir(self) -> Path | None:
+        """The teacher cache the policies were trained on (the first one's record)."""
+        for target in self.ok:
+            recorded = json.loads((target.policy / "config.json").read_text()).get("cache")
+            if recorded:
+                return Path(recorded)
+        return None
+
+    def _baselines_path(self) -> Path:
+        run = RunDir.from_config(self.config)
+        decouplers = Path(self.args.decouplers or self.config.distill.output_dir or run.decouplers)
+        from distill.train import BASELINES_NAME
+
+        return decouplers.with_name(decouplers.name + "-train") / BASELINES_NAME
+
+    def mode_dir(self, target: Target) -> Path:
+        return self.root / mode_dirname(target.mode)
+
+    def rollouts_key(self, target: Target) -> str:
+        return _digest(self.policy_keys[target.mode], self.settings, self.args.videos_per_task)
+
+    def fidelity_key(self, target: Target) -> str:
+        manifest = self.cache / "manifest.json" if self.cache else Path("-")
+        return _digest(
+            self.policy_keys[target.mode],
+            _file_digest(manifest),
+            _file_digest(self.baselines),
+            self.args.fidelity_clips,
+            self.args.fidelity_batch,
+        )
+
+    def flops_key(self, target: Target) -> str:
+        return _digest(self.policy_keys[target.mode], self.settings["image_size"])
+
+    def latency_key(self) -> str:
+        return _digest(
+            [self.policy_keys[t.mode] for t in self.ok],
+            self.args.latency_steps,
+            self.args.warmup_steps,
+            self.args.threads,
+            self.device,
+            self.machine["fingerprint"],
+        )
+
+    def report_key(self) -> str:
+        """Everything the report depends on: is_evaluated compares it."""
+        return _digest(
+            self.policy_keys,
+            self.settings,
+            [self.rollouts_key(t) for t in self.ok] if self.args.rollouts else None,
+            [self.fidelity_key(t) for t in self.ok],
+            self.latency_key(),
+            self.args.tensorboard,
+        )
+
+    # ------------------------------------------------------------------------- measuring
+
+    def load(self, target: Target):
+        from policy.modeling_policy import ShortcutPolicy
+
+        return ShortcutPolicy.from_pretrained(
+            target.policy,
+            mode=target.mode,
+            teacher=self.args.teacher,
+            decouplers=self.args.decouplers,
+            device=self.device,
+        )
+
+    def run_rollouts(self) -> dict[str, dict]:
+        from tqdm.auto import tqdm
+
+        from svam.eval.metaworld import Episode, rollouts
+
+        done, todo = {}, []
+        for target in self.ok:
+            stored = _read(self.mode_dir(target) / "rollouts.json", self.rollouts_key(target))
+            if stored is not None:
+                done[target.mode] = stored
+            else:
+                todo.append(target)
+        if not todo:
+            return done
+        for target in todo:
+            shutil.rmtree(self.mode_dir(target) / "videos", ignore_errors=True)
+        episodes = [
+            Episode(t.mode, str(t.policy), task, seed, index < self.args.videos_per_task)
+            for t in todo
+            for task in self.settings["tasks"]
+            for index, seed in enumerate(self.settings["seeds"])
+        ]
+        per_mode = len(self.settings["tasks"]) * len(self.settings["seeds"])
+        outcomes: dict[str, list] = defaultdict(list)
+        options = {
+            "teacher": self.args.teacher,
+            "decouplers": self.args.decouplers,
+            "device": self.device,
+            "threads": self.args.threads,
+            "run_seed": self.config.run.seed,
+        }
+        stream = rollouts(episodes, self.settings, self.args.workers, **options)
+        for outcome in tqdm(stream, total=len(episodes), desc="eval: episodes"):
+            mode = outcome.episode.mode
+            outcomes[mode].append(outcome)
+            if len(outcomes[mode]) == per_mode:  # a mode is complete: store it now
+                target = next(t for t in todo if t.mode == mode)
+                done[mode] = self._store_rollouts(target, outcomes.pop(mode))
+        return done
+
+    def _store_rollouts(self, target: Target, outcomes: list) -> dict:
+        import imageio.v2 as imageio
+
+        videos_dir = self.mode_dir(target) / "videos"
+        videos_dir.mkdir(parents=True, exist_ok=True)
+        tasks, videos = {}, []
+        for task in self.settings["tasks"]:
+            mine = sorted(
+                (o for o in outcomes if o.episode.task == task), key=lambda o: o.episode.seed
+            )
+            for o in mine:
+                if o.frames is not None:
+                    result = "success" if o.success else "failure"
+                    name = f"{task}-seed{o.episode.seed}-{result}.gif"
+                    imageio.mimsave(videos_dir / name, o.frames, duration=0.05, loop=0)
+                    videos.append(str(videos_dir.relative_to(self.root) / name))
+            successes = sum(o.success for o in mine)
+            tasks[task] = {
+                "episodes": len(mine),
+                "successes": successes,
+                "rate": successes / len(mine),
+                "seeds": [o.episode.seed for o in mine],
+                "outcomes": [o.success for o in mine],
+                "mean_steps": float(np.mean([o.steps for o in mine])),
+            }
+        episodes = sum(t["episodes"] for t in tasks.values())
+        successes = sum(t["successes"] for t in tasks.values())
+        stored = {
+            "key": self.rollouts_key(target),
+            "mode": target.mode,
+            "episodes": episodes,
+            "successes": successes,
+            "rate": successes / episodes,
+            "tasks": tasks,
+            "videos": videos,
+        }
+        _write(self.mode_dir(target) / "rollouts.json", stored)
+        return stored
+
+    def validation_batches(self, with_generated: bool) -> list[dict]:
+        from svam.data.teacher_cache import CURRENT, TeacherCache, teacher_cache_loader
+
+        cache = TeacherCache.open(self.cache)
+        arrays = [CURRENT, "state", "actions", "semantic", "geometric"]
+        if with_generated and cache.has("generated"):
+            arrays.append("generated")
+        loader = teacher_cache_loader(
+            cache,
+            "val",
+            batch_size=self.args.fidelity_batch,
+            arrays=arrays,
+            shuffle=False,
+            max_clips=self.args.fidelity_clips,
+        )
+        return list(loader)
+
+    def measure(self, policies: dict[str, Any]) -> tuple[dict, dict, dict]:
+        """(fidelity per mode, FLOPs per mode, latency record), each reused when stored."""
+        from tqdm.auto import tqdm
+
+        from svam.eval import measure
+
+        fidelity, flops = {}, {}
+        batches = depth = None
+        for target in tqdm(self.ok, desc="eval: fidelity and FLOPs", leave=False):
+            policy = policies[target.mode]
+            path = self.mode_dir(target) / "fidelity.json"
+            stored = _read(path, self.fidelity_key(target))
+            if stored is None and self.cache is not None:
+                if batches is None:
+                    depth = self._depth_truth(policies)
+                    batches = self.validation_batches(depth is not None)
+                result = measure.fidelity(policy, batches, depth, self.config.run.seed)
+                stored = {"key": self.fidelity_key(target), **result}
+                _write(path, stored)
+            fidelity[target.mode] = stored
+            path = self.mode_dir(target) / "flops.json"
+            stored = _read(path, self.flops_key(target))
+            if stored is None:
+                stored = {"key": self.flops_key(target), **measure.flops(policy, self.observation)}
+                _write(path, stored)
+            flops[target.mode] = stored
+        path = self.root / "latency.json"
+        record = _read(path, self.latency_key())
+        if record is None:
+            device = next(iter(policies.values())).device
+            record = {
+                "key": self.latency_key(),
+                "latency": measure.latency(
+                    policies, self.observation, self.args.latency_steps, self.args.warmup_steps
+                ),
+                "matmul_peak": measure.matmul_peak(device),
+                "threads": self.args.threads,
+                "measured": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            _write(path, record)
+        return fidelity, flops, record
+
+    def _depth_truth(self, policies: dict[str, Any]):
+        from svam.eval.measure import DepthTruth
+
+        encoders = [p.frozen.geometric for p in policies.values() if p.frozen.geometric]
+        if not encoders or not self.baselines.is_file():
+            return None
+        try:
+            return DepthTruth(self.baselines, encoders[0])
+        except ValueError:
+            return None
+
+    @property
+    def observation(self) -> dict[str, Any]:
+        """The input of the latency and FLOP measurements: the first validation clip's current
+        frame, instruction and state (a blank frame without a cache)."""
+        if not hasattr(self, "_observation"):
+            import torch
+
+            if self.cache is not None:
+                batch = self.validation_batches(False)[0]
+                frames, state = batch["current"][:1], batch["state"][:1, 0].float()
+                instruction = batch["instruction"][0]
+            else:
+                size = self.settings["image_size"]
+                frames = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+                state, instruction = torch.zeros(1, 4), "reach the goal"
+            self._observation = {"frames": frames, "instruction": instruction, "state": state}
+        return self._observation
+
+    # ---------------------------------------------------------------------------- report
+
+    def about(self, target: Target, full_steps: int | None) -> str:
+        foresight, n = target.foresight, full_steps or "N"
+        if foresight.kind == "onestep":
+            return "the teacher's one-step features only, no foresight (VPP)"
+        if foresight.kind == "shortcut":
+            return "one-step features + decoupler foresight (S-VAM): one teacher pass"
+        schedule, steps = foresight.sampling(full_steps or 1)
+        if foresight.kind == "partial":
+            return (
+                f"the {n}-step sampling stopped after {steps} steps, its clean estimate decoded "
+                "and encoded (partial denoising, as LingBot-VA)"
+            )
+        full = " (the cache's full schedule)" if schedule == full_steps else ""
+        return f"the teacher generates with {schedule} steps{full}; DINOv2 / DA3 read the frames"
+
+    def report(self, rollouts: dict, fidelity: dict, flops: dict, latency: dict) -> dict:
+        full_steps = None
+        for target in self.ok:
+            full_steps = json.loads((target.policy / "config.json").read_text())["feature_steps"]
+            break
+        peak = latency["matmul_peak"]["flops_per_s"] if latency else None
+        modes = {}
+        for target in self.targets:
+            entry: dict[str, Any] = {
+                "about": self.about(target, full_steps),
+                "policy": str(target.policy),
+            }
+            reason = target.missing
+            if reason:
+                modes[target.mode] = {"status": "missing", "reason": reason, **entry}
+                continue
+            mode = target.mode
+            timing = latency["latency"][mode] if latency else None
+            count = flops.get(mode)
+            achieved = count["total"] / (timing["median"] / 1000) if count and timing else None
+            fid = fidelity.get(mode) or {}
+            success = rollouts.get(mode)
+            modes[mode] = {
+                "status": "ok",
+                **entry,
+                "latency_ms": timing,
+                "flops": {"total": count["total"], "parts": count["parts"]} if count else None,
+                "achieved_flops_per_s": achieved,
+                "peak_fraction": achieved / peak if achieved and peak else None,
+                "foresight": fid.get("foresight"),
+                "action": fid.get("action"),
+                "success": {k: success[k] for k in ("episodes", "successes", "rate", "tasks")}
+                if success
+                else None,
+                "videos": success["videos"] if success else [],
+            }
+        notes = self.notes(fidelity, full_steps)
+        machine = {
+            **self.machine,
+            "device": self.device,
+            "threads": self.args.threads,
+            "matmul_peak_flops": peak,
+        }
+        return {
+            "run": self.config.run.name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "key": self.report_key(),
+            "machine": machine,
+            "config_fingerprint": config_hash(self.config),
+            "settings": {
+                **{k: self.settings[k] for k in ("tasks", "seeds", "max_steps", "execute_actions")},
+                "latency_steps": self.args.latency_steps,
+                "fidelity_clips": self.args.fidelity_clips,
+                "feature_steps": full_steps,
+                "workers": self.args.workers,
+                "cache": str(self.cache) if self.cache else None,
+            },
+            "modes": modes,
+            "notes": notes,
+        }
+
+    def notes(self, fidelity: dict, full_steps: int | None) -> list[str]:
+        """What a reader needs to read the numbers right."""
+        notes = []
+        encoders = {}
+        for target in self.ok:
+            encoders = json.loads((target.policy / "config.json").read_text()).get("encoders", {})
+            if encoders:
+                break
+        random = [
+            k for k in ("semantic", "geometric") if encoders and not encoders.get(f"{k}_weights")
+        ]
+        if random:
+            notes.append(
+                f"The {' and '.join(random)} encoder(s) are random-init (encoders.*_weights null): "
+                "their tokens say little about the scene, so token cosines sit close to 1 and "
+                "depth errors close to 0 for every mode; compare modes by their ranking, and "
+                "point the encoders at real weights (configs/svd-xt.yaml) for meaningful values."
+            )
+        generating = [t.mode for t in self.targets if t.foresight.generates]
+        if generating:
+            notes.append(
+                f"{', '.join(f'`{m}`' for m in generating)} run the one multistep policy, trained "
+                f"on the cache's {full_steps or 'N'}-step foresight; only inference changes."
+            )
+        floors = [
+            f["foresight"].get("depth_abs_rel_floor")
+            for f in fidelity.values()
+            if f.get("foresight")
+        ]
+        floors = [f for f in floors if f is not None]
+        if floors:
+            notes.append(
+                "Depth AbsRel decodes tokens through distill's linear depth probe against DA3's "
+                f"depth of the generated frames; the targets themselves score {floors[0]:.4f}, "
+                "the floor the probe sets."
+            )
+        notes.append(
+            "Foresight of the full-schedule multistep mode is not exactly the targets: it "
+            "regenerates with fresh noise, so its distance measures the teacher's sampling spread."
+        )
+        notes.append(
+            f"Latency and FLOPs are measured in this process with {self.args.threads or 'default'} "
+            f"torch thread(s), the modes interleaved step by step; the closed-loop episodes ran in "
+            f"{self.args.workers} process(es) and their timings are not used."
+        )
+        return notes
+
+
+def is_evaluated(config: Config) -> bool:
+    """Whether the report exists for the current policies, settings and machine."""
+    try:
+        evaluation = Evaluation(config)
+        stored = json.loads((evaluation.root / REPORT_JSON).read_text())
+        return stored.get("key") == evaluation.report_key()
+    except (OSError, ValueError):
+        return False
+
+
+def evaluate(config: Config, out_dir: str | Path | None = None) -> Path:
+    """`svam eval`: measure every configured mode and write the report; returns report.md."""
+    from svam.eval.measure import fixed_threads
+    from svam.eval.report import headline_table, write_report
+
+    if out_dir is not None:
+        config.eval.output_dir = str(out_dir)
+    evaluation = Evaluation(config)
+    for target in evaluation.targets:
+        if target.missing:
+            print(f"eval: {target.mode}: missing: {target.missing}")
+    if not evaluation.ok:
+        raise EvalError(f"eval: no mode has a policy: {evaluation.targets[0].missing}")
+    run = RunDir.from_config(config)
+    run.save_config(config, "eval")
+    evaluation.root.mkdir(parents=True, exist_ok=True)
+    rollouts = evaluation.run_rollouts() if config.eval.rollouts else {}
+    with fixed_threads(config.eval.threads):
+        policies = {t.mode: evaluation.load(t) for t in evaluation.ok}
+        fidelity, flops, latency = evaluation.measure(policies)
+    del policies
+    report = evaluation.report(rollouts, fidelity, flops, latency)
+    tensorboard = run.tb / "eval" if config.eval.tensorboard else None
+    path = write_report(report, evaluation.root, tensorboard)
+    print(f"eval: report -> {path}")
+    print(headline_table(json.loads((evaluation.root / REPORT_JSON).read_text())))
+    return path

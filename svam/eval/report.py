@@ -1,0 +1,679 @@
+"""The latency–fidelity report of `svam eval`: tables, answers, plots and TensorBoard logs.
+
+Input is a plain dict built by the eval stage: the run, the machine, the evaluation settings and, per
+foresight mode in configured order, either `status: ok` with its measurements or `status: missing`
+with a one-line reason. `complete` adds Wilson intervals, Pareto fronts and the two answers the
+paper asks of the numbers; `write_report` writes `report.json`, `report.md` and two figures.
+
+Conventions: a measurement that is None or NaN is "not measured" (`—` in tables, skipped in plots
+and logs); the foresight of `onestep` is "not applicable" (`n/a`), since it has none; a missing
+mode is never dropped, it is a "missing" row in the headline table and listed with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DPI = 110
+LATENCY_FIDELITY_PNG = "latency_fidelity.png"
+SUCCESS_PER_TASK_PNG = "success_per_task.png"
+
+
+@dataclass(frozen=True)
+class FidelityAxis:
+    key: str
+    path: tuple[str, ...]
+    label: str
+    higher_is_better: bool
+
+    @property
+    def sense(self) -> str:
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+
+FIDELITY_AXES = (
+    FidelityAxis("success_rate", ("success", "rate"), "success rate", True),
+    FidelityAxis("semantic_cosine", ("foresight", "semantic_cosine"), "semantic cosine", True),
+    FidelityAxis("geometric_cosine", ("foresight", "geometric_cosine"), "geometric cosine", True),
+    FidelityAxis("depth_abs_rel", ("foresight", "depth_abs_rel"), "depth AbsRel", False),
+    FidelityAxis("action_mse", ("action", "mse"), "action MSE", False),
+)
+FORESIGHT_AXES = tuple(axis for axis in FIDELITY_AXES if axis.path[0] == "foresight")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson_interval(successes: int, episodes: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate (95% for z=1.96); (0, 1) when there are no episodes,
+    since no data rules out no rate."""
+    if episodes == 0:
+        return 0.0, 1.0
+    p, n, z2 = successes / episodes, episodes, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.96) -> tuple[float, float]:
+    """Interval for p1 - p2: Newcombe's hybrid score method (method 10 of Newcombe 1998), which
+    combines the two Wilson intervals and, unlike the Wald interval, behaves near 0 and 1.
+    (-1, 1) when either side has no episodes."""
+    if n1 == 0 or n2 == 0:
+        return -1.0, 1.0
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, z)
+    l2, u2 = wilson_interval(k2, n2, z)
+    below = math.hypot(p1 - l1, u2 - p2)
+    above = math.hypot(u1 - p1, p2 - l2)
+    return max(-1.0, p1 - p2 - below), min(1.0, p1 - p2 + above)
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the (latency, fidelity) points no other point dominates, sorted by latency.
+
+    A point is dominated by one at most as slow and at least as faithful that is strictly better on
+    one axis, so two identical points are both on the front."""
+    sign = 1.0 if higher_is_better else -1.0
+    scored = [(x, sign * y) for x, y in points]
+
+    def dominated(i: int) -> bool:
+        x, y = scored[i]
+        return any(
+            ox <= x and oy >= y and (ox < x or oy > y)
+            for j, (ox, oy) in enumerate(scored)
+            if j != i
+        )
+
+    front = [i for i in range(len(points)) if not dominated(i)]
+    return sorted(front, key=lambda i: (points[i][0], -scored[i][1], i))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a report
+
+
+def _get(block: dict | None, *path: str) -> Any:
+    """The value at `path`, or None when a block on the way is None or the value is NaN."""
+    for key in path:
+        if not isinstance(block, dict):
+            return None
+        block = block.get(key)
+    if isinstance(block, float) and math.isnan(block):
+        return None
+    return block
+
+
+def _ok_modes(report: dict) -> dict[str, dict]:
+    return {name: mode for name, mode in report["modes"].items() if mode["status"] == "ok"}
+
+
+def _axis_points(report: dict, axis: FidelityAxis) -> dict[str, tuple[float, float]]:
+    """(latency median ms, value) of every ok mode that has both, in configured order."""
+    points = {}
+    for name, mode in _ok_modes(report).items():
+        latency, value = _get(mode, "latency_ms", "median"), _get(mode, *axis.path)
+        if latency is not None and value is not None:
+            points[name] = (float(latency), float(value))
+    return points
+
+
+def _ci(success: dict) -> tuple[float, float]:
+    return wilson_interval(success["successes"], success["episodes"])
+
+
+def _multistep_k(name: str) -> int | None:
+    match = re.fullmatch(r"multistep:(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Completing a report: intervals, Pareto fronts, answers
+
+
+def complete(report: dict) -> dict:
+    """A copy of `report` with Wilson intervals (`success.ci95`, overall and per task), the Pareto
+    front of each fidelity axis (`pareto`: axis key -> mode names) and `answers`."""
+    report = copy.deepcopy(report)
+    for mode in _ok_modes(report).values():
+        success = mode.get("success")
+        if success:
+            success["ci95"] = list(_ci(success))
+            for task in success["tasks"].values():
+                task["ci95"] = list(_ci(task))
+    report["pareto"] = {}
+    for axis in FIDELITY_AXES:
+        points = _axis_points(report, axis)
+        names = list(points)
+        front = pareto_front([points[name] for name in names], axis.higher_is_better)
+        report["pareto"][axis.key] = [names[i] for i in front]
+    report["answers"] = {
+        "shortcut_vs_onestep": _shortcut_vs_onestep(report),
+        "shortcut_vs_multistep": _shortcut_vs_multistep(report),
+    }
+    return report
+
+
+def _unavailable(report: dict, names: list[str]) -> str | None:
+    """'cannot answer: ...' when a mode needed for an answer has no success numbers, else None."""
+    for name in names:
+        mode = report["modes"].get(name)
+        if mode is None:
+            return f"cannot answer: {name} missing: not configured"
+        if mode["status"] != "ok":
+            return f"cannot answer: {name} missing: {mode.get('reason', 'no reason given')}"
+        if _get(mode, "success", "episodes") is None:
+            return f"cannot answer: {name} missing its success measurement"
+    return None
+
+
+def _pct(rate: float) -> str:
+    return f"{100 * rate:.1f}%"
+
+
+def _points(delta: float) -> str:
+    return f"{100 * delta:+.1f}"
+
+
+def _compare_success(report: dict, a: str, b: str) -> tuple[dict, str]:
+    """Success of `a` minus that of `b` with its Newcombe interval and verdict, and a sentence."""
+    sa, sb = report["modes"][a]["success"], report["modes"][b]["success"]
+    k1, n1, k2, n2 = sa["successes"], sa["episodes"], sb["successes"], sb["episodes"]
+    low, high = difference_interval(k1, n1, k2, n2)
+    difference = sa["rate"] - sb["rate"]
+    if low > 0:
+        verdict, conclusion = "better", f"so {a} is better"
+    elif high < 0:
+        verdict, conclusion = "worse", f"so {a} is worse"
+    else:
+        each = f"{n1} episodes each" if n1 == n2 else f"{n1} and {n2} episodes"
+        verdict = f"no significant difference with {each}"
+        conclusion = f"which spans 0: inconclusive ({verdict})"
+    numbers = {
+        a: sa["rate"],
+        b: sb["rate"],
+        "difference": difference,
+        "ci95": [low, high],
+        "episodes": [n1, n2],
+        "verdict": verdict,
+    }
+    sentence = (
+        f"{a} succeeds in {_pct(sa['rate'])} of episodes ({k1}/{n1}) against {_pct(sb['rate'])} "
+        f"({k2}/{n2}) for {b}: a difference of {_points(difference)} points, 95% CI "
+        f"[{_points(low)}, {_points(high)}], {conclusion}."
+    )
+    return numbers, sentence
+
+
+def _latencies(report: dict, a: str, b: str) -> tuple[float, float] | None:
+    la = _get(report["modes"][a], "latency_ms", "median")
+    lb = _get(report["modes"][b], "latency_ms", "median")
+    return (la, lb) if la is not None and lb is not None and la > 0 and lb > 0 else None
+
+
+def _shortcut_vs_onestep(report: dict) -> dict:
+    question = "Does shortcut beat onestep (raw one-step features) at nearly the same latency?"
+    missing = _unavailable(report, ["shortcut", "onestep"])
+    if missing:
+        return {"question": question, "text": missing}
+    success, sentence = _compare_success(report, "shortcut", "onestep")
+    latency = _latencies(report, "shortcut", "onestep")
+    ratio = latency[0] / latency[1] if latency else None
+    mse = [_get(report["modes"][name], "action", "mse") for name in ("shortcut", "onestep")]
+    details = []
+    if latency:
+        details.append(
+            f"its median latency is {ratio:.2f}x onestep's "
+            f"({_ms(latency[0])} vs {_ms(latency[1])} ms)"
+        )
+    if None not in mse:
+        details.append(f"its action MSE is {_num(mse[0])} vs {_num(mse[1])}")
+    text = sentence + "".join(f" {detail[0].upper()}{detail[1:]}." for detail in details)
+    return {
+        "question": question,
+        "success": success,
+        "latency_ratio": ratio,
+        "foresight": "n/a: onestep has no foresight to compare",
+        "action_mse": {
+            "shortcut": mse[0],
+            "onestep": mse[1],
+            "difference": None if None in mse else mse[0] - mse[1],
+        },
+        "text": text,
+    }
+
+
+def _reference_mode(report: dict) -> str | None:
+    """`multistep:N` for the teacher's full schedule N if it ran, else the largest K that ran."""
+    ok = _ok_modes(report)
+    full = f"multistep:{report['settings']['feature_steps']}"
+    if full in ok:
+        return full
+    ks = {k: name for name in ok if (k := _multistep_k(name)) is not None}
+    return ks[max(ks)] if ks else None
+
+
+def _shortcut_vs_multistep(report: dict) -> dict:
+    question = "How far is shortcut from full multi-step foresight?"
+    steps = report["settings"]["feature_steps"]
+    full = f"multistep:{steps}"
+    reference = _reference_mode(report)
+    if reference is None:
+        mode = report["modes"].get(full)
+        why = mode.get("reason", "no reason given") if mode else "not configured"
+        text = f"cannot answer: every multistep mode missing ({full}: {why})"
+        return {"question": question, "text": text}
+    missing = _unavailable(report, ["shortcut", reference])
+    if missing:
+        return {"question": question, "text": missing}
+    success, sentence = _compare_success(report, "shortcut", reference)
+    gaps, measured = {}, []
+    for axis in FORESIGHT_AXES:
+        mine = _get(report["modes"]["shortcut"], *axis.path)
+        theirs = _get(report["modes"][reference], *axis.path)
+        gaps[axis.key] = None if mine is None or theirs is None else mine - theirs
+        if gaps[axis.key] is not None:
+            measured.append(f"{gaps[axis.key]:+.3f} {axis.label}")
+    latency = _latencies(report, reference, "shortcut")
+    speedup = latency[0] / latency[1] if latency else None
+    against = reference
+    if reference != full:
+        against += f" (standing in for the full {steps}-step schedule, which was not evaluated)"
+    details = [
+        f"its foresight differs by {', '.join(measured)}"
+        if measured
+        else "its foresight was not compared (not measured)"
+    ]
+    if latency:
+        details.append(
+            f"its median latency is {_ms(latency[1])} vs {_ms(latency[0])} ms, "
+            f"a {_num(speedup)}x speed-up"
+        )
+    text = f"{sentence} Against {against}, {'; '.join(details)}."
+    return {
+        "question": question,
+        "reference": reference,
+        "feature_steps": steps,
+        "success": success,
+        "foresight_gap": gaps,
+        "speedup": speedup,
+        "text": text,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _num(value: float) -> str:
+    """Three significant digits, without exponent notation for large values."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
+def _cell(value: Any, fmt=_num) -> str:
+    return "—" if value is None else fmt(value)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _success_cell(success: dict | None) -> str:
+    if not success:
+        return "—"
+    low, high = _ci(success)
+    return (
+        f"{success['rate']:.2f} ({success['successes']}/{success['episodes']}, "
+        f"{low:.2f}–{high:.2f})"
+    )
+
+
+def headline_table(report: dict) -> str:
+    """One row per configured mode: latency, compute, foresight and action fidelity, success."""
+    header = [
+        "mode",
+        "latency median (p95), ms",
+        "GFLOP/step",
+        "% of peak",
+        "semantic cos",
+        "geometric cos",
+        "depth AbsRel",
+        "action MSE",
+        "success (k/n, 95% CI)",
+    ]
+    lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
+    for name, mode in report["modes"].items():
+        if mode["status"] != "ok":
+            lines.append(_row([f"`{name}`", "missing"] + ["—"] * (len(header) - 2)))
+            continue
+        median, p95 = _get(mode, "latency_ms", "median"), _get(mode, "latency_ms", "p95")
+        latency = "—" if median is None else f"{_ms(median)} ({_cell(p95, _ms)})"
+        flops, fraction = _get(mode, "flops", "total"), _get(mode, "peak_fraction")
+        if name == "onestep" and _get(mode, "foresight") is None:
+            foresight = ["n/a"] * len(FORESIGHT_AXES)
+        else:
+            foresight = [_cell(_get(mode, *axis.path), "{:.3f}".format) for axis in FORESIGHT_AXES]
+        lines.append(
+            _row(
+                [
+                    f"`{name}`",
+                    latency,
+                    _cell(None if flops is None else flops / 1e9),
+                    _cell(None if fraction is None else 100 * fraction, lambda v: f"{_num(v)}%"),
+                    *foresight,
+                    _cell(_get(mode, "action", "mse")),
+                    _success_cell(_get(mode, "success")),
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
+def _setup_paragraph(report: dict) -> str:
+    machine, settings = report["machine"], report["settings"]
+    device = machine["device"] + (f" ({machine['device_name']})" if machine["device_name"] else "")
+    threads = f"{machine['threads']} threads" if machine["threads"] else "default threads"
+    seeds = settings["seeds"]
+    seed_range = f"{min(seeds)}..{max(seeds)}" if seeds else "none"
+    tasks = settings["tasks"]
+    return (
+        f"Run `{report['run']}`, created {report['created']}, on {machine['platform']} "
+        f"({machine['processor']}), torch {machine['torch']}, device {device}, {threads}; a large "
+        f"float32 matmul peaks at {machine['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (machine "
+        f"`{machine['fingerprint']}`, config `{report['config_fingerprint']}`). Each mode is evaluated on "
+        f"{len(tasks) * len(seeds)} episodes: {len(tasks)} tasks ({', '.join(tasks)}) x seeds "
+        f"{seed_range}, at most {settings['max_steps']} steps, executing the first "
+        f"{settings['execute_actions']} actions of each chunk. Latency is over "
+        f"{settings['latency_steps']} control steps at batch 1, foresight and action fidelity over "
+        f"{settings['fidelity_clips']} clips; the teacher's full schedule has "
+        f"{settings['feature_steps']} steps."
+    )
+
+
+def _flops_table(report: dict) -> list[str]:
+    """GFLOP per control step by part (`—`: the mode has no such part), achieved rate, peak %."""
+    modes = {name: mode for name, mode in _ok_modes(report).items() if _get(mode, "flops")}
+    if not modes:
+        return ["No FLOP counts were measured."]
+    parts = list(dict.fromkeys(part for mode in modes.values() for part in mode["flops"]["parts"]))
+    lines = [
+        _row(["mode", *parts, "total", "achieved GFLOP/s", "% of peak"]),
+        _row(["---"] + ["---:"] * (len(parts) + 3)),
+    ]
+    for name, mode in modes.items():
+        flops, achieved = mode["flops"], _get(mode, "achieved_flops_per_s")
+        fraction = _get(mode, "peak_fraction")
+        lines.append(
+            _row(
+                [
+                    f"`{name}`",
+                    *(_cell(_get(flops, "parts", part), lambda v: _num(v / 1e9)) for part in parts),
+                    _num(flops["total"] / 1e9),
+                    _cell(achieved, lambda v: _num(v / 1e9)),
+                    _cell(fraction, lambda v: f"{_num(100 * v)}%"),
+                ]
+            )
+        )
+    return lines
+
+
+def _success_table(report: dict) -> list[str]:
+    modes = {name: mode for name, mode in _ok_modes(report).items() if _get(mode, "success")}
+    if not modes:
+        return ["No success rates were measured."]
+    lines = [
+        _row(["task", *(f"`{name}`" for name in modes)]),
+        _row(["---"] + ["---:"] * len(modes)),
+    ]
+    for task in report["settings"]["tasks"]:
+        cells = []
+        for mode in modes.values():
+            result = mode["success"]["tasks"].get(task)
+            cells.append(
+                f"{result['rate']:.2f} ({result['successes']}/{result['episodes']})"
+                if result
+                else "—"
+            )
+        lines.append(_row([task, *cells]))
+    lines.append(_row(["**overall**", *(_success_cell(m["success"]) for m in modes.values())]))
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """`report.md` of a completed report (see `complete`)."""
+    modes = report["modes"]
+    lines = [
+        f"# Latency–fidelity report: `{report['run']}`",
+        "",
+        _setup_paragraph(report),
+        "",
+        "## Headline",
+        "",
+        headline_table(report),
+        "",
+        "Foresight fidelity is against the teacher's full multi-step generation; `n/a`: the mode "
+        "has no foresight, `—`: not measured.",
+        "",
+        f"![latency vs fidelity]({LATENCY_FIDELITY_PNG})",
+        "",
+        "## What each mode is",
+        "",
+        *(
+            f"- `{name}`: {mode['about']} (policy `{mode['policy']}`)"
+            for name, mode in modes.items()
+        ),
+        "",
+        "## Compute per control step (GFLOP)",
+        "",
+        *_flops_table(report),
+        "",
+        "## Success per task",
+        "",
+        *_success_table(report),
+        "",
+        f"![success per task]({SUCCESS_PER_TASK_PNG})",
+        "",
+        "## Answers",
+        "",
+    ]
+    for answer in report["answers"].values():
+        lines += [f"**{answer['question']}** {answer['text']}", ""]
+    lines += ["## Pareto fronts (latency vs each fidelity axis)", ""]
+    for axis in FIDELITY_AXES:
+        front = report["pareto"][axis.key]
+        names = " → ".join(f"`{name}`" for name in front) if front else "no mode measured"
+        lines.append(f"- {axis.label} ({axis.sense}): {names}")
+    lines += ["", "## Missing modes", ""]
+    missing = [(name, mode) for name, mode in modes.items() if mode["status"] != "ok"]
+    lines += [f"- `{name}`: {mode.get('reason', 'no reason given')}" for name, mode in missing]
+    if not missing:
+        lines.append("None: every configured mode was evaluated.")
+    if report.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {note}" for note in report["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(report: dict) -> dict[str, Any]:
+    """One colour per mode, by configured position, so both figures agree."""
+    cmap = _pyplot().get_cmap("tab10")
+    return {name: cmap(i % 10) for i, name in enumerate(report["modes"])}
+
+
+def _placeholder(message: str):
+    fig, ax = _pyplot().subplots(figsize=(5, 2), dpi=DPI)
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    ax.set_axis_off()
+    return fig
+
+
+def _latency_fidelity_figure(report: dict):
+    panels = [(axis, pts) for axis in FIDELITY_AXES if (pts := _axis_points(report, axis))]
+    if not panels:
+        return _placeholder("no mode has both a latency and a fidelity value")
+    colors, ok = _colors(report), _ok_modes(report)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _pyplot().subplots(
+        nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), dpi=DPI, squeeze=False
+    )
+    for ax, (axis, points) in zip(axes.flat, panels, strict=False):
+        for name, (x, y) in points.items():
+            yerr = None
+            if axis.key == "success_rate":
+                low, high = _ci(ok[name]["success"])
+                yerr = [[max(0.0, y - low)], [max(0.0, high - y)]]
+            ax.errorbar(x, y, yerr=yerr, fmt="o", color=colors[name], capsize=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        names = list(points)
+        front = pareto_front([points[name] for name in names], axis.higher_is_better)
+        xs, ys = zip(*(points[names[i]] for i in front), strict=True)
+        ax.step(
+            xs, ys, where="post", color="0.4", linestyle="--", linewidth=1, label="Pareto front"
+        )
+        ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="black", zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency median, ms (log scale)")
+        ax.set_ylabel(f"{axis.label} ({axis.sense})")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"latency vs fidelity: {report['run']}")
+    fig.tight_layout()
+    return fig
+
+
+def _success_figure(report: dict):
+    modes = {name: mode for name, mode in _ok_modes(report).items() if _get(mode, "success")}
+    if not modes:
+        return _placeholder("no success rates were measured")
+    colors, tasks = _colors(report), report["settings"]["tasks"]
+    groups = np.arange(len(tasks) + 1)
+    width = 0.8 / len(modes)
+    fig, ax = _pyplot().subplots(
+        figsize=(min(40.0, max(5.0, 0.3 * len(groups) * (len(modes) + 1))), 3.6), dpi=DPI
+    )
+    for i, (name, mode) in enumerate(modes.items()):
+        success = mode["success"]
+        rates = [_get(success, "tasks", task, "rate") for task in tasks] + [success["rate"]]
+        xs = groups + (i - (len(modes) - 1) / 2) * width
+        ax.bar(
+            xs, [np.nan if r is None else r for r in rates], width, label=name, color=colors[name]
+        )
+        low, high = _ci(success)
+        yerr = [[max(0.0, success["rate"] - low)], [max(0.0, high - success["rate"])]]
+        ax.errorbar(xs[-1], success["rate"], yerr=yerr, fmt="none", ecolor="black", capsize=3)
+    ax.set_xticks(groups, [*tasks, "overall"], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (overall: 95% CI)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"success per task: {report['run']}")
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot(report: dict, out_dir: Path) -> list[Path]:
+    """Write `latency_fidelity.png` and `success_per_task.png` into `out_dir`; their paths."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / LATENCY_FIDELITY_PNG, out_dir / SUCCESS_PER_TASK_PNG]
+    _save(_latency_fidelity_figure(report), paths[0])
+    _save(_success_figure(report), paths[1])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard and files
+
+
+def _scalars(mode: dict) -> dict[str, float]:
+    flops = _get(mode, "flops", "total")
+    values = {
+        "latency_ms_median": _get(mode, "latency_ms", "median"),
+        "latency_ms_p95": _get(mode, "latency_ms", "p95"),
+        "gflop_per_step": None if flops is None else flops / 1e9,
+        "peak_fraction": _get(mode, "peak_fraction"),
+        **{axis.key: _get(mode, *axis.path) for axis in FIDELITY_AXES},
+    }
+    return {key: float(value) for key, value in values.items() if value is not None}
+
+
+def log_tensorboard(report: dict, logdir: Path) -> None:
+    """Scalars `eval/<mode>/<name>` per ok mode (':' in mode names becomes '-'), both figures and
+    the markdown report."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    report = complete(report)
+    with SummaryWriter(log_dir=str(logdir)) as writer:
+        for name, mode in _ok_modes(report).items():
+            tag = name.replace(":", "-")
+            for key, value in _scalars(mode).items():
+                writer.add_scalar(f"eval/{tag}/{key}", value)
+        writer.add_figure("eval/latency_fidelity", _latency_fidelity_figure(report))
+        writer.add_figure("eval/success_per_task", _success_figure(report))
+        writer.add_text("eval/report", markdown(report))
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as None: strict JSON has no spelling for them."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out_dir: Path, tensorboard_dir: Path | None = None) -> Path:
+    """Complete `report` and write `report.json`, `report.md` and the figures into `out_dir` (and
+    TensorBoard logs into `tensorboard_dir` if given); the path of `report.md`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    completed = complete(report)
+    payload = json.dumps(_json_safe(completed), indent=2, allow_nan=False)
+    _write_text(out_dir / "report.json", payload + "\n")
+    _write_text(out_dir / "report.md", markdown(completed))
+    plot(completed, out_dir)
+    if tensorboard_dir is not None:
+        log_tensorboard(completed, tensorboard_dir)
+    return out_dir / "report.md"
