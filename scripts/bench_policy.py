@@ -227,10 +227,10 @@ def main() -> None:
     if "shortcut" in results and "onestep" in results:
         short, one = results["shortcut"]["median_ms"], results["onestep"]["median_ms"]
         print(f"\nshortcut overhead over onestep: +{short - one:.1f} ms ({short / one:.2f}x)")
-    multistep = f"multistep:{args.multistep or feature_steps}"
-    if "shortcut" in results and multistep in results:
-        speedup = results[multistep]["median_ms"] / results["shortcut"]["median_ms"]
-        print(f"shortcut speed-up over {multistep}: {speedup:.1f}x")
+    for mode in results:
+        if "shortcut" in results and mode.startswith(("multistep", "partial")):
+            speedup = results[mode]["median_ms"] / results["shortcut"]["median_ms"]
+            print(f"shortcut speed-up over {mode}: {speedup:.1f}x")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
