@@ -28,6 +28,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -434,23 +435,21 @@ class Evaluation:
         except ValueError:
             return None
 
-    @property
+    @cached_property
     def observation(self) -> dict[str, Any]:
         """The input of the latency and FLOP measurements: the first validation clip's current
         frame, instruction and state (a blank frame without a cache)."""
-        if not hasattr(self, "_observation"):
-            import torch
+        import torch
 
-            if self.cache is not None:
-                batch = self.validation_batches(False)[0]
-                frames, state = batch["current"][:1], batch["state"][:1, 0].float()
-                instruction = batch["instruction"][0]
-            else:
-                size = self.settings["image_size"]
-                frames = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-                state, instruction = torch.zeros(1, 4), "reach the goal"
-            self._observation = {"frames": frames, "instruction": instruction, "state": state}
-        return self._observation
+        if self.cache is not None:
+            batch = self.validation_batches(False)[0]
+            frames, state = batch["current"][:1], batch["state"][:1, 0].float()
+            instruction = batch["instruction"][0]
+        else:
+            size = self.settings["image_size"]
+            frames = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+            state, instruction = torch.zeros(1, 4), "reach the goal"
+        return {"frames": frames, "instruction": instruction, "state": state}
 
     # ---------------------------------------------------------------------------- report
 
