@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from policy.modeling_action_head import ActionCondition, DiffusionActionHead
 from policy.modeling_aggregator import UniPerceiver
 from policy.normalization import Normalizer
 from policy.serialization import PolicyLoadError, load_weights, read_config, save_model
+from svam.data.shards import sha256_file
 
 CLASS_NAME = "ShortcutPolicy"
 BRANCHES = ("semantic", "geometric")
@@ -64,11 +64,7 @@ shortcut, on the generated frames otherwise), the decouplers, the aggregator, th
 
 def file_fingerprint(path: str | os.PathLike) -> str:
     """Short sha256 of a file's bytes (a decoupler's weights)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(Path(path))[:16]
 
 
 @dataclass

@@ -20,7 +20,6 @@ reported as missing, not dropped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ import numpy as np
 from policy.configuration_policy import ForesightMode, parse_mode
 from policy.configuration_train import mode_dirname
 from svam.config import Config, config_hash
+from svam.data.shards import sha256_file, write_json_atomic
 from svam.rundir import RunDir
 
 REPORT_JSON = "report.json"
@@ -118,31 +118,23 @@ def settings_of(config: Config) -> dict[str, Any]:
     }
 
 
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _file_digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path) if path.is_file() else None
 
 
 def _policy_key(config: Config, target: Target) -> str | None:
     """What a mode's results depend on besides the settings; None when the policy is missing."""
     if target.missing:
         return None
-    return _digest(
-        target.mode,
-        _file_digest(target.policy / "config.json"),
-        _file_digest(target.policy / "model.safetensors"),
-        config.eval.teacher,
-        config.eval.decouplers,
-        config.run.seed,
+    return config_hash(
+        [
+            target.mode,
+            _file_digest(target.policy / "config.json"),
+            _file_digest(target.policy / "model.safetensors"),
+            config.eval.teacher,
+            config.eval.decouplers,
+            config.run.seed,
+        ]
     )
 
 
@@ -164,7 +156,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else processor,
     }
-    return {**info, "fingerprint": _digest(info)}
+    return {**info, "fingerprint": config_hash(info)}
 
 
 def _device(name: str) -> str:
@@ -191,9 +183,7 @@ def _read(path: Path, key: str) -> dict | None:
 
 def _write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -215,16 +205,16 @@ class Evaluation:
         self.device = _device(self.args.device)
         self.policy_keys = {t.mode: _policy_key(config, t) for t in self.targets}
         self.ok = [t for t in self.targets if self.policy_keys[t.mode]]
-        self.cache = self._cache_dir()
+        self.record = self._first_record()
+        self.cache = Path(self.record["cache"]) if self.record.get("cache") else None
         self.baselines = self._baselines_path()
 
-    def _cache_dir(self) -> Path | None:
-        """The teacher cache the policies were trained on (the first one's record)."""
+    def _first_record(self) -> dict[str, Any]:
+        """The first evaluated policy's `config.json`: every policy of a run records the same
+        cache, schedule (feature_steps) and encoders."""
         for target in self.ok:
-            recorded = json.loads((target.policy / "config.json").read_text()).get("cache")
-            if recorded:
-                return Path(recorded)
-        return None
+            return json.loads((target.policy / "config.json").read_text())
+        return {}
 
     def _baselines_path(self) -> Path:
         run = RunDir.from_config(self.config)
@@ -237,40 +227,48 @@ class Evaluation:
         return self.root / mode_dirname(target.mode)
 
     def rollouts_key(self, target: Target) -> str:
-        return _digest(self.policy_keys[target.mode], self.settings, self.args.videos_per_task)
+        return config_hash(
+            [self.policy_keys[target.mode], self.settings, self.args.videos_per_task]
+        )
 
     def fidelity_key(self, target: Target) -> str:
         manifest = self.cache / "manifest.json" if self.cache else Path("-")
-        return _digest(
-            self.policy_keys[target.mode],
-            _file_digest(manifest),
-            _file_digest(self.baselines),
-            self.args.fidelity_clips,
-            self.args.fidelity_batch,
+        return config_hash(
+            [
+                self.policy_keys[target.mode],
+                _file_digest(manifest),
+                _file_digest(self.baselines),
+                self.args.fidelity_clips,
+                self.args.fidelity_batch,
+            ]
         )
 
     def flops_key(self, target: Target) -> str:
-        return _digest(self.policy_keys[target.mode], self.settings["image_size"])
+        return config_hash([self.policy_keys[target.mode], self.settings["image_size"]])
 
     def latency_key(self) -> str:
-        return _digest(
-            [self.policy_keys[t.mode] for t in self.ok],
-            self.args.latency_steps,
-            self.args.warmup_steps,
-            self.args.threads,
-            self.device,
-            self.machine["fingerprint"],
+        return config_hash(
+            [
+                [self.policy_keys[t.mode] for t in self.ok],
+                self.args.latency_steps,
+                self.args.warmup_steps,
+                self.args.threads,
+                self.device,
+                self.machine["fingerprint"],
+            ]
         )
 
     def report_key(self) -> str:
         """Everything the report depends on: is_evaluated compares it."""
-        return _digest(
-            self.policy_keys,
-            self.settings,
-            [self.rollouts_key(t) for t in self.ok] if self.args.rollouts else None,
-            [self.fidelity_key(t) for t in self.ok],
-            self.latency_key(),
-            self.args.tensorboard,
+        return config_hash(
+            [
+                self.policy_keys,
+                self.settings,
+                [self.rollouts_key(t) for t in self.ok] if self.args.rollouts else None,
+                [self.fidelity_key(t) for t in self.ok],
+                self.latency_key(),
+                self.args.tensorboard,
+            ]
         )
 
     # ------------------------------------------------------------------------- measuring
@@ -365,15 +363,21 @@ class Evaluation:
         _write(self.mode_dir(target) / "rollouts.json", stored)
         return stored
 
-    def validation_batches(self, with_generated: bool) -> list[dict]:
-        from svam.data.teacher_cache import CURRENT, TeacherCache, teacher_cache_loader
+    @cached_property
+    def teacher_cache(self):
+        """The teacher cache, opened (and its shards verified) once per evaluation."""
+        from svam.data.teacher_cache import TeacherCache
 
-        cache = TeacherCache.open(self.cache)
+        return TeacherCache.open(self.cache)
+
+    def validation_batches(self, with_generated: bool) -> list[dict]:
+        from svam.data.teacher_cache import CURRENT, teacher_cache_loader
+
         arrays = [CURRENT, "state", "actions", "semantic", "geometric"]
-        if with_generated and cache.has("generated"):
+        if with_generated:
             arrays.append("generated")
         loader = teacher_cache_loader(
-            cache,
+            self.teacher_cache,
             "val",
             batch_size=self.args.fidelity_batch,
             arrays=arrays,
@@ -398,6 +402,8 @@ class Evaluation:
                 if batches is None:
                     depth = self._depth_truth(policies)
                     batches = self.validation_batches(depth is not None)
+                    if depth is not None:
+                        depth.add_truth(batches)
                 result = measure.fidelity(policy, batches, depth, self.config.run.seed)
                 stored = {"key": self.fidelity_key(target), **result}
                 _write(path, stored)
@@ -428,7 +434,7 @@ class Evaluation:
         from svam.eval.measure import DepthTruth
 
         encoders = [p.frozen.geometric for p in policies.values() if p.frozen.geometric]
-        if not encoders or not self.baselines.is_file():
+        if not encoders or not self.baselines.is_file() or not self.teacher_cache.has("generated"):
             return None
         try:
             return DepthTruth(self.baselines, encoders[0])
@@ -469,10 +475,7 @@ class Evaluation:
         return f"the teacher generates with {schedule} steps{full}; DINOv2 / DA3 read the frames"
 
     def report(self, rollouts: dict, fidelity: dict, flops: dict, latency: dict) -> dict:
-        full_steps = None
-        for target in self.ok:
-            full_steps = json.loads((target.policy / "config.json").read_text())["feature_steps"]
-            break
+        full_steps = self.record.get("feature_steps")
         peak = latency["matmul_peak"]["flops_per_s"] if latency else None
         modes = {}
         for target in self.targets:
@@ -532,11 +535,7 @@ class Evaluation:
     def notes(self, fidelity: dict, full_steps: int | None) -> list[str]:
         """What a reader needs to read the numbers right."""
         notes = []
-        encoders = {}
-        for target in self.ok:
-            encoders = json.loads((target.policy / "config.json").read_text()).get("encoders", {})
-            if encoders:
-                break
+        encoders = self.record.get("encoders", {})
         random = [
             k for k in ("semantic", "geometric") if encoders and not encoders.get(f"{k}_weights")
         ]

@@ -141,11 +141,14 @@ class DepthTruth:
         self.probe = DepthProbe(saved["depth.weight"], saved["depth.bias"], grid)
         self.encoder = encoder
 
-    def truth(self, generated: torch.Tensor) -> torch.Tensor:
+    def add_truth(self, batches: list[dict[str, Any]]) -> None:
+        """Store DA3's depth of each batch's generated frames as `depth`, once for every mode."""
         from distill.fidelity import depth_map, depth_patches
 
         grid = self.probe.grid
-        return depth_map(depth_patches(self.encoder.depth(generated).cpu(), grid), grid)
+        for batch in batches:
+            depth = self.encoder.depth(batch["generated"]).cpu()
+            batch["depth"] = depth_map(depth_patches(depth, grid), grid)
 
 
 def fidelity(
@@ -155,7 +158,8 @@ def fidelity(
     run_seed: int,
 ) -> dict[str, Any]:
     """Foresight fidelity (None for onestep) and action MSE of a mode on validation batches
-    (from the teacher cache: current frame, instruction, state, actions, targets, generated)."""
+    (from the teacher cache: current frame, instruction, state, actions, targets; with `depth`,
+    the truth `DepthTruth.add_truth` stored in them)."""
     from distill.fidelity import DepthFidelity, TokenFidelity
     from svam.seeding import keyed_generator
 
@@ -177,9 +181,8 @@ def fidelity(
         for branch in BRANCHES:
             cosine[branch].update(streams[branch].cpu(), batch[branch].float())
         if depth is not None:
-            truth = depth.truth(batch["generated"])
-            depth_metric.update(depth.probe(streams["geometric"].cpu()), truth)
-            floor.update(depth.probe(batch["geometric"].float()), truth)
+            depth_metric.update(depth.probe(streams["geometric"].cpu()), batch["depth"])
+            floor.update(depth.probe(batch["geometric"].float()), batch["depth"])
     clips = sum(len(b["instruction"]) for b in batches)
     result: dict[str, Any] = {"action": {"mse": squared / count, "clips": clips}, "foresight": None}
     if foresight:
