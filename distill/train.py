@@ -71,6 +71,7 @@ from svam.data.teacher_cache import (
     ON_THE_FLY,
     TARGETS,
     TeacherCache,
+    cache_key_parts,
     loader_settings,
     onestep_source,
     teacher_cache_loader,
@@ -132,17 +133,8 @@ def training_key(config: Config, cache: TeacherCache, mode: str) -> str:
     parts = {
         "decouplers": to_dict(config.decouplers),
         "distill": {**settings, **loader_settings(config.distill, config.data)},
-        "seed": config.run.seed,
-        "cache": hashlib.sha256(cache.manifest_path.read_bytes()).hexdigest(),
-        "onestep": mode,
+        **cache_key_parts(config, cache, mode),
     }
-    if mode == ON_THE_FLY:
-        teacher = config.teacher
-        parts["features"] = [
-            teacher.feature_up_blocks,
-            teacher.feature_sigma,
-            teacher.feature_upsample,
-        ]
     return config_hash(parts)
 
 

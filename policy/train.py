@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -55,8 +54,8 @@ from svam.config import Config, config_hash, to_dict
 from svam.data.teacher_cache import (
     CACHED,
     CURRENT,
-    ON_THE_FLY,
     TeacherCache,
+    cache_key_parts,
     loader_settings,
     onestep_source,
     teacher_cache_loader,
@@ -117,19 +116,10 @@ def training_key(config: Config, cache: TeacherCache, source: str, paths: Policy
     parts: dict[str, Any] = {
         "policy": to_dict(config.policy),
         "train_policy": {**settings, **loader_settings(config.train_policy, config.data)},
-        "seed": config.run.seed,
-        "cache": hashlib.sha256(cache.manifest_path.read_bytes()).hexdigest(),
-        "onestep": source,
+        **cache_key_parts(config, cache, source),
     }
     if args.mode == "shortcut":
         parts["decouplers"] = _decoupler_fingerprints(paths)
-    if source == ON_THE_FLY:
-        teacher = config.teacher
-        parts["features"] = [
-            teacher.feature_up_blocks,
-            teacher.feature_sigma,
-            teacher.feature_upsample,
-        ]
     return config_hash(parts)
 
 

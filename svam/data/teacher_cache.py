@@ -26,6 +26,7 @@ from svam.data.shards import (
     PARTIAL_SUFFIX,
     ShardSet,
     read_shard,
+    sha256_file,
     shard_record,
     tar_writer,
     write_json_atomic,
@@ -255,3 +256,21 @@ def loader_settings(section: Any, data: Any) -> dict[str, int]:
             data.shuffle_buffer if section.shuffle_buffer is None else section.shuffle_buffer
         ),
     }
+
+
+def cache_key_parts(config: Any, cache: TeacherCache, source: str) -> dict[str, Any]:
+    """What a stage trained on a teacher cache depends on besides its own settings: the run seed,
+    the cache manifest, the one-step source and, on the fly, the teacher's feature settings."""
+    parts: dict[str, Any] = {
+        "seed": config.run.seed,
+        "cache": sha256_file(cache.manifest_path),
+        "onestep": source,
+    }
+    if source == ON_THE_FLY:
+        teacher = config.teacher
+        parts["features"] = [
+            teacher.feature_up_blocks,
+            teacher.feature_sigma,
+            teacher.feature_upsample,
+        ]
+    return parts
