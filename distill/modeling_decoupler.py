@@ -26,8 +26,6 @@ target encoder and dims) and `model.safetensors`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,21 +33,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from distill.configuration_decoupler import DecouplerConfig, DecouplersConfig
+from svam.serialization import (
+    ModelLoadError,
+    check_expected,
+    load_weights,
+    read_config,
+    save_model,
+)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CLASS_NAME = "Decoupler"
-FORMAT_VERSION = 1
 
 
-class DecouplerLoadError(ValueError):
-    """A decoupler directory that cannot be loaded; the message is one line naming the file/key."""
+DecouplerLoadError = ModelLoadError
+"""The one model-directory load error, under the decoupler's name."""
 
 
 # ------------------------------------------------------------------------------------- layers
@@ -241,14 +241,7 @@ class Decoupler(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write `config.json` and `model.safetensors` into the directory `path`."""
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        record = {"_class_name": CLASS_NAME, "_format_version": FORMAT_VERSION}
-        record.update(dataclasses.asdict(self.config))
-        (root / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, root / WEIGHTS_NAME, metadata={"format": "pt"})
-        return root
+        return save_model(path, CLASS_NAME, self.config, self)
 
     @classmethod
     def from_pretrained(
@@ -261,77 +254,16 @@ class Decoupler(nn.Module):
         """Load a saved decoupler. `expect` maps config keys to required values (e.g. the dims of
         a teacher cache); a mismatch, a missing file or weights that disagree with the config
         raise DecouplerLoadError naming the file and key."""
-        root = Path(path)
-        config = read_decoupler_config(root)
-        for key, value in (expect or {}).items():
-            if getattr(config, key) != value:
-                raise DecouplerLoadError(
-                    f"{root / CONFIG_NAME}: {key}={getattr(config, key)!r}, expected {value!r}"
-                )
-        weights = root / WEIGHTS_NAME
-        if not weights.is_file():
-            raise DecouplerLoadError(
-                f"{weights}: missing (a decoupler directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
-            )
-        try:
-            state = load_file(weights, device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise DecouplerLoadError(f"{weights}: not a readable safetensors file ({exc})") from exc
+        config = read_decoupler_config(path)
+        check_expected(path, config, expect)
         model = cls(config)
-        wanted = model.state_dict()
-        missing = sorted(wanted.keys() - state.keys())
-        unexpected = sorted(state.keys() - wanted.keys())
-        if missing:
-            raise DecouplerLoadError(
-                f"{weights}: no tensor '{missing[0]}', which {CONFIG_NAME} implies"
-            )
-        if unexpected:
-            raise DecouplerLoadError(
-                f"{weights}: tensor '{unexpected[0]}' is not in a model of {CONFIG_NAME}"
-            )
-        for key, tensor in state.items():
-            if tensor.shape != wanted[key].shape:
-                raise DecouplerLoadError(
-                    f"{weights}: '{key}' has shape {tuple(tensor.shape)}, {CONFIG_NAME} implies "
-                    f"{tuple(wanted[key].shape)}"
-                )
-        model.load_state_dict(state)
+        load_weights(path, model)
         return model.to(device)
 
 
 def read_decoupler_config(path: str | os.PathLike) -> DecouplerConfig:
     """The `DecouplerConfig` of a saved decoupler directory (checked, without loading weights)."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise DecouplerLoadError(
-            f"{file}: missing (a decoupler directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
-        )
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise DecouplerLoadError(f"{file}: not valid JSON ({exc})") from exc
-    if not isinstance(record, dict) or record.pop("_class_name", None) != CLASS_NAME:
-        raise DecouplerLoadError(
-            f"{file}: not a {CLASS_NAME} config (no _class_name '{CLASS_NAME}')"
-        )
-    version = record.pop("_format_version", None)
-    if version != FORMAT_VERSION:
-        raise DecouplerLoadError(
-            f"{file}: _format_version={version}, this svam reads {FORMAT_VERSION}"
-        )
-    keys = [f.name for f in dataclasses.fields(DecouplerConfig)]
-    for key in record:
-        if key not in keys:
-            raise DecouplerLoadError(f"{file}: unknown key '{key}'")
-    for key in keys:
-        if key not in record:
-            raise DecouplerLoadError(f"{file}: missing key '{key}'")
-    config = DecouplerConfig(**record)
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise DecouplerLoadError(f"{file}: {exc}") from exc
-    return config
+    return read_config(path, CLASS_NAME, DecouplerConfig)
 
 
 def build_decouplers(

@@ -31,7 +31,7 @@ _EXPORTS = {
     "example_streams": "policy.modeling_aggregator",
     "Normalizer": "policy.normalization",
     "NormalizerConfig": "policy.normalization",
-    "PolicyLoadError": "policy.serialization",
+    "PolicyLoadError": "policy.modeling_policy",
     "ShortcutPolicy": "policy.modeling_policy",
     "ShortcutPolicyConfig": "policy.modeling_policy",
     "PolicyTrainConfig": "policy.configuration_train",

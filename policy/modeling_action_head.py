@@ -54,7 +54,7 @@ from torch import nn
 from distill import flop_counter
 from policy.configuration_policy import ActionHeadConfig
 from policy.layers import Attention, KeyValue, TransformerLayer, feed_forward, init_linear_layers
-from policy.serialization import (
+from svam.serialization import (
     check_expected,
     count_parameters,
     load_weights,
@@ -325,7 +325,7 @@ class DiffusionActionHead(nn.Module):
         device: str | torch.device = "cpu",
     ) -> DiffusionActionHead:
         """Load a saved head; `expect` maps config keys to required values. Errors are
-        PolicyLoadError, one line naming the file and key."""
+        ModelLoadError, one line naming the file and key."""
         config = read_config(path, CLASS_NAME, ActionHeadConfig)
         check_expected(path, config, expect)
         model = cls(config)

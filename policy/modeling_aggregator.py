@@ -45,7 +45,7 @@ from torch import nn
 from distill import flop_counter
 from policy.configuration_policy import AggregatorConfig, StreamConfig
 from policy.layers import Attention, feed_forward, init_linear_layers
-from policy.serialization import (
+from svam.serialization import (
     check_expected,
     count_parameters,
     load_weights,
@@ -196,7 +196,7 @@ class UniPerceiver(nn.Module):
         device: str | torch.device = "cpu",
     ) -> UniPerceiver:
         """Load a saved aggregator; `expect` maps config keys to required values. Errors are
-        PolicyLoadError, one line naming the file and key."""
+        ModelLoadError, one line naming the file and key."""
         config = read_config(path, CLASS_NAME, AggregatorConfig)
         check_expected(path, config, expect)
         model = cls(config)

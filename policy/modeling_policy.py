@@ -50,10 +50,12 @@ from policy.configuration_policy import (
 from policy.modeling_action_head import ActionCondition, DiffusionActionHead
 from policy.modeling_aggregator import UniPerceiver
 from policy.normalization import Normalizer
-from policy.serialization import PolicyLoadError, load_weights, read_config, save_model
 from svam.data.shards import sha256_file
+from svam.serialization import ModelLoadError, load_weights, read_config, save_model
 
 CLASS_NAME = "ShortcutPolicy"
+PolicyLoadError = ModelLoadError
+"""The one model-directory load error, under the policy's name."""
 BRANCHES = ("semantic", "geometric")
 PARTS = ("text", "teacher", "encoders", "decouplers", "aggregator", "head")
 """The parts of a control step: instruction embedding (once per distinct instruction), the

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from policy.configuration_policy import NORMALIZATION_MODES
-from policy.serialization import check_expected, load_weights, read_config, save_model
+from svam.serialization import check_expected, load_weights, read_config, save_model
 
 CLASS_NAME = "Normalizer"
 

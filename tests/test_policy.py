@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 from distill.configuration_decoupler import DecouplerConfig
 from distill.modeling_decoupler import Decoupler
 from policy.configuration_train import mode_dirname
-from policy.modeling_policy import ShortcutPolicy
-from policy.serialization import PolicyLoadError
+from policy.modeling_policy import PolicyLoadError, ShortcutPolicy
 from policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.config import load_config
 from svam.data.teacher_cache import write_teacher_cache

@@ -1,6 +1,6 @@
-"""Model directories of the policy package: `config.json` (a config dataclass, tagged with the class
-name and a format version) and `model.safetensors`. Every load error is one line naming the file
-and the key."""
+"""Model directories (decouplers, the policy's aggregator, head, normalisers and the policy):
+`config.json` (a config dataclass, tagged with the class name and a format version) and
+`model.safetensors`. Every load error is one ModelLoadError line naming the file and the key."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ FORMAT_VERSION = 1
 Config = TypeVar("Config")
 
 
-class PolicyLoadError(ValueError):
-    """A policy model directory that cannot be loaded; the message names the file and key."""
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and key."""
 
 
 def save_model(path: str | os.PathLike, class_name: str, config: Any, module: nn.Module) -> Path:
@@ -43,25 +43,23 @@ def read_config(path: str | os.PathLike, class_name: str, config_class: type[Con
     """The config dataclass of a saved model directory, checked with its `validate()`."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
-        raise PolicyLoadError(
+        raise ModelLoadError(
             f"{file}: missing (a {class_name} directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
         )
     try:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise PolicyLoadError(f"{file}: not valid JSON ({exc})") from exc
+        raise ModelLoadError(f"{file}: not valid JSON ({exc})") from exc
     if not isinstance(record, dict) or record.pop("_class_name", None) != class_name:
-        raise PolicyLoadError(f"{file}: not a {class_name} config (no _class_name '{class_name}')")
+        raise ModelLoadError(f"{file}: not a {class_name} config (no _class_name '{class_name}')")
     version = record.pop("_format_version", None)
     if version != FORMAT_VERSION:
-        raise PolicyLoadError(
-            f"{file}: _format_version={version}, this svam reads {FORMAT_VERSION}"
-        )
+        raise ModelLoadError(f"{file}: _format_version={version}, this svam reads {FORMAT_VERSION}")
     config = _from_record(config_class, record, file, "")
     try:
         config.validate()
     except ValueError as exc:
-        raise PolicyLoadError(f"{file}: {exc}") from exc
+        raise ModelLoadError(f"{file}: {exc}") from exc
     return config
 
 
@@ -69,22 +67,22 @@ def _from_record(cls: type, record: Any, file: Path, where: str) -> Any:
     """Build dataclass `cls` from a JSON record, recursing into dataclass and list-of-dataclass
     fields; a missing or unknown key is named with its path (e.g. 'streams[1].dim')."""
     if not isinstance(record, dict):
-        raise PolicyLoadError(f"{file}: '{where or '.'}' is not an object")
+        raise ModelLoadError(f"{file}: '{where or '.'}' is not an object")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in record:
         if key not in names:
-            raise PolicyLoadError(f"{file}: unknown key '{where}{key}'")
+            raise ModelLoadError(f"{file}: unknown key '{where}{key}'")
     values = {}
     for name in names:
         if name not in record:
-            raise PolicyLoadError(f"{file}: missing key '{where}{name}'")
+            raise ModelLoadError(f"{file}: missing key '{where}{name}'")
         value, hint = record[name], hints[name]
         if dataclasses.is_dataclass(hint):
             value = _from_record(hint, value, file, f"{where}{name}.")
         elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             if not isinstance(value, list):
-                raise PolicyLoadError(f"{file}: '{where}{name}' is not a list")
+                raise ModelLoadError(f"{file}: '{where}{name}' is not a list")
             item = typing.get_args(hint)[0]
             value = [
                 _from_record(item, v, file, f"{where}{name}[{i}].") for i, v in enumerate(value)
@@ -97,25 +95,25 @@ def load_weights(path: str | os.PathLike, module: nn.Module) -> None:
     """Load `model.safetensors` into `module`, refusing missing, unexpected or reshaped tensors."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
-        raise PolicyLoadError(
+        raise ModelLoadError(
             f"{weights}: missing (a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
         )
     try:
         state = load_file(weights, device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise PolicyLoadError(f"{weights}: not a readable safetensors file ({exc})") from exc
+        raise ModelLoadError(f"{weights}: not a readable safetensors file ({exc})") from exc
     wanted = module.state_dict()
     missing = sorted(wanted.keys() - state.keys())
     unexpected = sorted(state.keys() - wanted.keys())
     if missing:
-        raise PolicyLoadError(f"{weights}: no tensor '{missing[0]}', which {CONFIG_NAME} implies")
+        raise ModelLoadError(f"{weights}: no tensor '{missing[0]}', which {CONFIG_NAME} implies")
     if unexpected:
-        raise PolicyLoadError(
+        raise ModelLoadError(
             f"{weights}: tensor '{unexpected[0]}' is not in a model of {CONFIG_NAME}"
         )
     for key, tensor in state.items():
         if tensor.shape != wanted[key].shape:
-            raise PolicyLoadError(
+            raise ModelLoadError(
                 f"{weights}: '{key}' has shape {tuple(tensor.shape)}, {CONFIG_NAME} implies "
                 f"{tuple(wanted[key].shape)}"
             )
@@ -126,7 +124,7 @@ def check_expected(path: str | os.PathLike, config: Any, expect: Mapping[str, An
     """Refuse a config whose keys differ from `expect` (e.g. dims a policy was built for)."""
     for key, value in (expect or {}).items():
         if getattr(config, key) != value:
-            raise PolicyLoadError(
+            raise ModelLoadError(
                 f"{Path(path) / CONFIG_NAME}: {key}={getattr(config, key)!r}, expected {value!r}"
             )
 
