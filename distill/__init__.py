@@ -20,7 +20,6 @@ _EXPORTS = {
     "decoupler_flops": _MODELING,
     "decoupler_parameters": _MODELING,
     "example_inputs": _MODELING,
-    "flop_counter": _MODELING,
     "read_decoupler_config": _MODELING,
 }
 

@@ -1,11 +1,19 @@
 """Fidelity of foreseen tokens: how close predictions come to the teacher's multi-step targets.
 
 Metrics, per branch and per frame index t of the clip (torchmetrics `Metric`s, so their sums are
-gathered across processes):
+gathered across processes), on targets standardised per channel with the train split's mean and
+standard deviation (so a channel with a large scale, such as one half of Depth Anything 3's
+concatenated tokens, weighs no more than any other):
 
-- token cosine similarity: mean over tokens of cos(prediction, target);
-- normalised MSE: the squared error over the targets' squared deviation from their per-channel
-  mean at that frame index (1 - R^2: 0 is perfect, 1 is no better than the mean token).
+- normalised MSE: the mean squared error of the standardised tokens (0 is perfect, about 1 is no
+  better than the train mean token);
+- skill against "nothing moves": 1 - error / error of repeating the real current frame's tokens
+  (0: no better than assuming a static world, 1: perfect, negative: worse than static);
+- centred cosine: mean over tokens of cos(prediction - train mean, target - train mean); the
+  uncentred cosine, dominated by the component every token shares, is kept for reference.
+
+Averages over a clip are over its future frames (t >= 1): frame 0 is the current frame as the
+teacher regenerates it, which "nothing moves" nearly knows. Skill averages pool the errors.
 
 Baselines, on the same clips:
 
@@ -15,12 +23,18 @@ Baselines, on the same clips:
 
 Depth (geometric branch). Depth Anything 3's DPT head decodes depth from all four of its
 out-layers together (`teachers.encoders.GeometricEncoder.depth`), so it cannot decode the single
-layer the targets come from, nor a prediction of it. Instead a linear depth probe is fitted on the
-train split, closed-form ridge from a target token to the log depth of its patch (at
-`DEPTH_SUBPATCH` x `DEPTH_SUBPATCH` sub-patches), with DA3's depth of the generated frames as the
-truth. It decodes the decoupler's predictions, the baselines and the targets themselves alike;
-AbsRel and delta<1.25 are measured against DA3's depth of the generated frames, and the targets'
-row is the floor the probe itself sets.
+layer the targets come from, nor a prediction of it. Instead linear depth probes are fitted on the
+train split, closed-form ridge from a geometric token to the log depth of its patch (at
+`DEPTH_SUBPATCH` x `DEPTH_SUBPATCH` sub-patches), against two truths:
+
+- the teacher: DA3's depth of the generated frames, from the target tokens (`depth`);
+- the world: the simulator's metric depth of the real current frame, from its reference tokens
+  (`world_depth`); decoding a foresight with it and comparing with the simulator's depth of the
+  real future frames tells how far the foresight is from what really happened.
+
+Each probe decodes the decoupler's predictions, the baselines and the targets alike; AbsRel,
+delta<1.25 and skill against "nothing moves" (the current frame's tokens decoded) are measured,
+and the targets' row against the teacher is the floor the probe itself sets.
 """
 
 from __future__ import annotations
@@ -44,41 +58,82 @@ LABELS = {
 DEPTH_SUBPATCH = 4
 """Depth values per token side that the depth probe decodes (4 x 4 per patch token)."""
 TIE = 0.01
-"""Mean NMSEs within 1% of each other are a tie: neither beats the other."""
+"""Mean skills within 0.01 of each other are a tie: neither beats the other."""
 
 
 # ------------------------------------------------------------------------------------ metrics
 
 
-class TokenFidelity(Metric):
-    """Token cosine similarity and normalised MSE per frame index of (B, T, P, D) tokens."""
+class ForesightFidelity(Metric):
+    """Standardised NMSE, skill against "nothing moves", centred and raw cosine per frame index of
+    (B, T, P, D) tokens; `mean` and `std` (D,) are the train split's per-channel statistics."""
 
     full_state_update = False
 
-    def __init__(self, frames: int, dim: int):
+    def __init__(self, frames: int, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
+        self.register_buffer("mean", mean.detach().float().flatten())
+        self.register_buffer("std", std.detach().float().flatten().clamp_min(1e-6))
         zeros = torch.zeros(frames, dtype=torch.float64)
-        self.add_state("cosine_sum", zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("squared_error", zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("tokens", zeros.clone(), dist_reduce_fx="sum")
-        moments = torch.zeros(frames, dim, dtype=torch.float64)
-        self.add_state("target_sum", moments.clone(), dist_reduce_fx="sum")
-        self.add_state("target_squares", moments.clone(), dist_reduce_fx="sum")
+        for name in ("error", "static_error", "elements", "centred_cosine", "cosine", "tokens"):
+            self.add_state(name, zeros.clone(), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        preds, target = preds.float(), target.float()
-        self.cosine_sum += F.cosine_similarity(preds, target, dim=-1).sum((0, 2)).double()
-        self.squared_error += (preds - target).square().sum((0, 2, 3)).double()
+    def update(self, preds: torch.Tensor, target: torch.Tensor, reference: torch.Tensor) -> None:
+        """Predictions and targets (B, T, P, D); `reference` (B, P, D): the current frame's tokens,
+        the "nothing moves" guess for every frame."""
+        preds, target = preds.float() - self.mean, target.float() - self.mean
+        static = (reference.float() - self.mean)[:, None].expand_as(target)
+        self.error += ((preds - target) / self.std).square().sum((0, 2, 3)).double()
+        self.static_error += ((static - target) / self.std).square().sum((0, 2, 3)).double()
+        self.elements += target[:, 0].numel()
+        self.centred_cosine += F.cosine_similarity(preds, target, dim=-1).sum((0, 2)).double()
+        raw = F.cosine_similarity(preds + self.mean, target + self.mean, dim=-1)
+        self.cosine += raw.sum((0, 2)).double()
         self.tokens += target.shape[0] * target.shape[2]
-        self.target_sum += target.sum((0, 2)).double()
-        self.target_squares += target.square().sum((0, 2)).double()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        deviation = self.target_squares - self.target_sum.square() / self.tokens[:, None]
         return {
-            "cosine": self.cosine_sum / self.tokens,
-            "nmse": self.squared_error / deviation.sum(-1),
+            "skill": 1 - self.error / self.static_error,
+            "nmse": self.error / self.elements,
+            "static_nmse": self.static_error / self.elements,
+            "centred_cosine": self.centred_cosine / self.tokens,
+            "cosine": self.cosine / self.tokens,
         }
+
+
+def future(values: list[float]) -> list[float]:
+    """The future frames' values (t >= 1) of a per-frame list; all of them for a 1-frame clip."""
+    return values[1:] or values
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def pooled_skill(errors: list[float], static_errors: list[float]) -> float:
+    """1 - the future frames' summed error over the summed error of "nothing moves"."""
+    return 1 - sum(future(errors)) / sum(future(static_errors))
+
+
+def summarize_tokens(per_frame: dict[str, list[float]]) -> dict:
+    """A branch's fidelity: future-frame averages (skill pooled) and the per-frame lists."""
+    return {
+        "skill": pooled_skill(per_frame["nmse"], per_frame["static_nmse"]),
+        **{k: _mean(future(per_frame[k])) for k in ("nmse", "centred_cosine", "cosine")},
+        "per_frame": per_frame,
+    }
+
+
+def summarize_depth(per_frame: dict[str, list[float]], static: dict[str, list[float]]) -> dict:
+    """Depth fidelity: future-frame AbsRel and delta<1.25, and skill against the depth that
+    "nothing moves" decodes (`static`), pooled like the tokens'."""
+    skill = [1 - d / s for d, s in zip(per_frame["abs_rel"], static["abs_rel"], strict=True)]
+    return {
+        "abs_rel": _mean(future(per_frame["abs_rel"])),
+        "delta1": _mean(future(per_frame["delta1"])),
+        "skill": pooled_skill(per_frame["abs_rel"], static["abs_rel"]),
+        "per_frame": {**per_frame, "skill": skill},
+    }
 
 
 class DepthFidelity(Metric):
@@ -134,10 +189,15 @@ class RidgeRegression:
     def rows(self) -> int:
         return int(self.xtx[-1, -1].item())
 
+    def target_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per output channel: the targets' mean and standard deviation (float32)."""
+        mean = self.xty[-1] / self.rows
+        variance = (self.y_squares / self.rows - mean.square()).clamp_min(0)
+        return mean.float(), variance.sqrt().float()
+
     def target_variance(self) -> float:
         """Mean over output channels of the targets' variance."""
-        mean = self.xty[-1] / self.rows
-        return float((self.y_squares / self.rows - mean.square()).mean())
+        return float(self.target_moments()[1].double().square().mean())
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (in_dim, out_dim), bias (out_dim,)) in float32."""
@@ -202,83 +262,106 @@ class DepthProbe:
 # ------------------------------------------------------------------------------------- report
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def compare(decoupler: dict[str, list[float]], baseline: dict[str, list[float]]) -> dict:
-    """How the decoupler does against one baseline: cosine gain and relative NMSE change (negative
-    is better) per frame index and on average; `beats` when the mean cosine is higher and the
-    mean NMSE lower by more than a tie."""
-    cosine_gain = [d - b for d, b in zip(decoupler["cosine"], baseline["cosine"], strict=True)]
-    nmse_change = [d / b - 1 for d, b in zip(decoupler["nmse"], baseline["nmse"], strict=True)]
-    mean_cosine_gain = _mean(decoupler["cosine"]) - _mean(baseline["cosine"])
-    mean_nmse_change = _mean(decoupler["nmse"]) / _mean(baseline["nmse"]) - 1
+def compare(decoupler: dict, baseline: dict) -> dict:
+    """How the decoupler does against one baseline (`summarize_tokens` dicts): skill and centred
+    cosine gains per frame index and on average over the future; `beats` when both averages are
+    higher, the skill by more than a tie."""
+    per_d, per_b = decoupler["per_frame"], baseline["per_frame"]
+    gains = {
+        metric: [d - b for d, b in zip(per_d[metric], per_b[metric], strict=True)]
+        for metric in ("skill", "centred_cosine")
+    }
+    skill_gain = decoupler["skill"] - baseline["skill"]
+    cosine_gain = decoupler["centred_cosine"] - baseline["centred_cosine"]
     return {
-        "cosine_gain": cosine_gain,
-        "nmse_change": nmse_change,
-        "mean_cosine_gain": mean_cosine_gain,
-        "mean_nmse_change": mean_nmse_change,
-        "tie": abs(mean_nmse_change) <= TIE,
-        "beats": mean_cosine_gain > 0 and mean_nmse_change < -TIE,
+        "skill_gain": gains["skill"],
+        "centred_cosine_gain": gains["centred_cosine"],
+        "mean_skill_gain": skill_gain,
+        "mean_centred_cosine_gain": cosine_gain,
+        "tie": abs(skill_gain) <= TIE,
+        "beats": skill_gain > TIE and cosine_gain > 0,
     }
 
 
 def branch_report(methods: dict[str, dict[str, list[float]]]) -> dict:
-    """Per-method metrics plus the decoupler's margins over each baseline."""
-    margins = {name: compare(methods["decoupler"], methods[name]) for name in BASELINES}
+    """Per-method fidelity (`summarize_tokens`) plus the decoupler's margins over each baseline;
+    `methods` maps each method to its `ForesightFidelity` per-frame lists."""
+    summaries = {name: summarize_tokens(per_frame) for name, per_frame in methods.items()}
+    margins = {name: compare(summaries["decoupler"], summaries[name]) for name in BASELINES}
     return {
-        "methods": methods,
+        "methods": summaries,
         "versus": margins,
         "beats_baselines": all(margin["beats"] for margin in margins.values()),
     }
 
 
-def _row(label: str, values: list[float], fmt: str) -> str:
-    cells = " | ".join(format(v, fmt) for v in [*values, _mean(values)])
+def _row(label: str, per_frame: list[float], mean: float, fmt: str) -> str:
+    cells = " | ".join(format(v, fmt) for v in [*per_frame, mean])
     return f"| {label} | {cells} |"
+
+
+TOKEN_METRICS = (
+    ("skill", "skill"),
+    ("nmse", "NMSE"),
+    ("centred_cosine", "centred cosine"),
+    ("cosine", "cosine"),
+)
+DEPTH_METRICS = (("abs_rel", "AbsRel"), ("delta1", "delta<1.25"), ("skill", "skill"))
+DEPTH_TRUTHS = {
+    "teacher": "Depth Anything 3's depth of the teacher's generated frames",
+    "world": "the simulator's depth of the real future frames",
+}
+
+
+def _metric_rows(methods: dict[str, dict], metrics: tuple[tuple[str, str], ...]) -> list[str]:
+    """One row per metric and method: its per-frame values, then the future-frame mean."""
+    return [
+        _row(f"{label}: {LABELS[method]}", summary["per_frame"][metric], summary[metric], ".3f")
+        for metric, label in metrics
+        for method, summary in methods.items()
+    ]
 
 
 def markdown(report: dict) -> str:
     """The fidelity report as markdown: one table per branch, margins, depth, notes."""
     frames = report["frames"]
-    head = "| | " + " | ".join(f"t={t}" for t in range(frames)) + " | mean |"
+    head = "| | " + " | ".join(f"t={t}" for t in range(frames)) + " | future mean |"
     rule = "|---" * (frames + 2) + "|"
     lines = [
         "# Decoupler fidelity",
         "",
-        f"{report['clips']} validation clips of {report['cache']}; one-step features "
-        f"{report['onestep']}; frame index t=0 is the current frame as the teacher regenerates "
-        "it, t>0 the foreseen future. Cosine: mean token cosine similarity (higher is better). "
-        "NMSE: squared error over the targets' variance around their per-channel mean (lower is "
-        f"better; 1 = the mean token). Linear probe: {report['probe']}.",
+        f"{report['clips']} {report.get('split', 'test')} clips of {report['cache']} (no stage "
+        f"selects on them); one-step features {report['onestep']}; frame index t=0 is the "
+        "current frame as the teacher regenerates it, t>0 the foreseen future, and the means are "
+        "over t>0. Tokens are standardised per channel with the train split's statistics. Skill: "
+        "1 - error / error of 'nothing moves' (0 = no better than a static world, 1 = perfect). "
+        "NMSE: mean squared error of the standardised tokens (about 1 = the mean token). Centred "
+        "cosine: cosine after subtracting the train mean token (higher is better). Linear probe: "
+        f"{report['probe']}.",
     ]
     for branch, result in report["branches"].items():
         lines += ["", f"## {branch} ({result['encoder']})", "", head, rule]
-        for metric, fmt in (("cosine", ".3f"), ("nmse", ".3f")):
-            for method, values in result["methods"].items():
-                lines.append(_row(f"{metric}: {LABELS[method]}", values[metric], fmt))
+        lines += _metric_rows(result["methods"], TOKEN_METRICS)
         lines.append("")
         for baseline, margin in result["versus"].items():
-            gains = ", ".join(f"{g:+.3f}" for g in margin["cosine_gain"])
-            changes = ", ".join(f"{100 * c:+.1f}%" for c in margin["nmse_change"])
+            gains = ", ".join(f"{g:+.3f}" for g in margin["skill_gain"])
             verdict = "does NOT beat it"
             if margin["beats"]:
                 verdict = "beats it"
             elif margin["tie"]:
-                verdict = f"ties with it (NMSE within {100 * TIE:.0f}%)"
+                verdict = f"ties with it (skill within {TIE})"
             lines.append(
-                f"- versus {LABELS[baseline]}: the decoupler {verdict}: cosine "
-                f"{margin['mean_cosine_gain']:+.3f} (per t: {gains}), NMSE "
-                f"{100 * margin['mean_nmse_change']:+.1f}% (per t: {changes}), on average"
+                f"- versus {LABELS[baseline]}: the decoupler {verdict}: skill "
+                f"{margin['mean_skill_gain']:+.3f} (per t: {gains}), centred cosine "
+                f"{margin['mean_centred_cosine_gain']:+.3f}, on average over the future"
             )
     depth = report.get("depth")
     if depth:
-        lines += ["", "## depth through the linear depth probe (geometric branch)", "", head, rule]
-        for metric, fmt in (("abs_rel", ".3f"), ("delta1", ".3f")):
-            for method, values in depth["methods"].items():
-                label = "delta<1.25" if metric == "delta1" else "AbsRel"
-                lines.append(_row(f"{label}: {LABELS[method]}", values[metric], fmt))
+        for truth, about in DEPTH_TRUTHS.items():
+            if not depth.get(truth):
+                continue
+            lines += ["", f"## depth against {about}", "", head, rule]
+            lines += _metric_rows(depth[truth], DEPTH_METRICS)
         lines += ["", f"- {depth['about']}"]
     if report.get("notes"):
         lines += ["", "## notes", ""] + [f"- {note}" for note in report["notes"]]

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from distill.configuration_decoupler import DecouplerConfig, DecouplersConfig
+from svam.flops import flop_counter
 from svam.serialization import (
     ModelLoadError,
     check_expected,
@@ -288,19 +288,6 @@ def example_inputs(
     if not config.reference:
         return features, None
     return features, torch.randn(batch, config.ref_tokens, config.ref_dim, device=device)
-
-
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    batch, heads, queries, dim = query_shape
-    keys, value_dim = key_shape[-2], value_shape[-1]
-    return 2 * batch * heads * queries * keys * (dim + value_dim)
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, also counting the fused CPU attention kernel that it misses (it counts
-    the CUDA kernels and, on `meta`, the matmuls of the math fallback, with the same formula)."""
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops})
 
 
 def decoupler_flops(config: DecouplerConfig, batch: int = 1) -> int:

@@ -10,10 +10,11 @@ fly: a fresh noise draw per clip and epoch, seeded by (run seed, clip key, epoch
 
 Before training, the decouplers' data dims are derived from the cache manifest and the features
 (or, with `distill.dims_from_cache=false`, checked against them), and the linear-probe baseline,
-the target statistics and the depth probe are fitted on the train split (kept in the work dir for
-resumes). Every `eval_every` steps the validation fidelity is measured and each branch's best
-decoupler so far is kept; at the end the best decouplers are compared with both baselines on every
-validation clip (distill/fidelity.py).
+the per-channel target statistics and the depth probes are fitted on the train split (kept in the
+work dir for resumes). Every `eval_every` steps the validation fidelity is measured and each
+branch's best decoupler so far is kept (selection uses val only); at the end the best decouplers
+are compared with both baselines on every test clip (distill/fidelity.py), which nothing selected
+on.
 
 Resuming: checkpoints (accelerate `save_state`, written under a temporary name and renamed) hold
 the models, optimizer, LR schedule, RNG states, best scores and the data position; a resumed run
@@ -53,18 +54,21 @@ from distill.fidelity import (
     METHODS,
     DepthFidelity,
     DepthProbe,
+    ForesightFidelity,
     LinearProbe,
     RidgeRegression,
-    TokenFidelity,
     branch_report,
     depth_map,
     depth_patches,
     grid_features,
     markdown,
+    summarize_depth,
+    summarize_tokens,
 )
 from distill.modeling_decoupler import Decoupler, build_decouplers
 from svam.checkpoints import CheckpointDir
 from svam.config import Config, config_hash, to_dict
+from svam.data.episodes import SPLITS
 from svam.data.teacher_cache import (
     CACHED,
     CURRENT,
@@ -270,6 +274,13 @@ class Distiller:
             paths.work / "checkpoints", self.args.checkpoints_total_limit
         )
         self.cache = TeacherCache.open(paths.cache)
+        for split in SPLITS:
+            if not self.cache.members(split):
+                raise DistillError(
+                    f"{self.cache.manifest_path}: the cache holds no {split} clips (made before "
+                    "the train/val/test split, or with cache.splits leaving it out): rebuild it "
+                    "with `svam cache-teachers`"
+                )
         self.mode = onestep_mode(config, self.cache)
         self.key = training_key(config, self.cache, self.mode)
         self.loader_settings = loader_settings(config.distill, config.data)
@@ -394,6 +405,7 @@ class Distiller:
             weight, bias = ridge.solve(self.args.probe_ridge)
             fitted[f"{name}.weight"], fitted[f"{name}.bias"] = weight, bias
             fitted[f"{name}.variance"] = torch.tensor(ridge.target_variance())
+            fitted[f"{name}.mean"], fitted[f"{name}.std"] = ridge.target_moments()
         return fitted
 
     @cached_property
@@ -429,41 +441,41 @@ class Distiller:
         return encoder, None
 
     @torch.no_grad()
-    def _fit_depth_probe(self) -> tuple[dict[str, torch.Tensor], str | None]:
-        """The depth probe's weights (empty when there is none) and a note on why not."""
+    def _fit_depth_probes(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The depth probes' weights (distill/fidelity.py: `depth` against the teacher, from the
+        target tokens to DA3's depth of the generated frames; `world_depth` against the world,
+        from the real current frame's tokens to the simulator's depth), and notes on any missing."""
         if not self.args.depth_probe:
-            return {}, "no depth errors: distill.depth_probe=false"
-        if not self.cache.has("generated"):
-            return (
-                {},
-                "no depth errors: the cache holds no generated frames (cache.keep_generated=false)",
-            )
-        encoder, note = self._depth_encoder
-        if encoder is None:
-            return {}, note
-        grid = self.decouplers.geometric.target_grid
-        ridge = RidgeRegression(
-            self.decouplers.geometric.target_dim, DEPTH_SUBPATCH**2, self.device
-        )
-        loader = self._loader(
-            "train",
-            ["geometric", "generated"],
-            shuffle=False,
-            max_clips=self.args.depth_probe_clips,
-        )
+            return {}, ["no depth errors: distill.depth_probe=false"]
+        encoder, note = None, "no depth against the teacher: the cache holds no generated frames"
+        if self.cache.has("generated"):
+            encoder, note = self._depth_encoder
+        grid, dim = self.decouplers.geometric.target_grid, self.decouplers.geometric.target_dim
+        ridges = {"world_depth": RidgeRegression(dim, DEPTH_SUBPATCH**2, self.device)}
+        arrays = ["geometric_ref", "depth"]
+        if encoder is not None:
+            ridges["depth"] = RidgeRegression(dim, DEPTH_SUBPATCH**2, self.device)
+            arrays += ["geometric", "generated"]
+        loader = self._loader("train", arrays, shuffle=False, max_clips=self.args.depth_probe_clips)
         for batch in tqdm(
-            loader, desc="distill: depth probe", disable=not self.is_main, leave=False
+            loader, desc="distill: depth probes", disable=not self.is_main, leave=False
         ):
-            depth = encoder.depth(batch["generated"])
-            tokens = batch["geometric"].to(self.device).float()
-            ridge.update(tokens.flatten(0, 2), depth_patches(depth, grid).flatten(0, 2))
-        self._reduce(ridge.statistics())
-        weight, bias = ridge.solve(self.args.probe_ridge)
-        return {"depth.weight": weight, "depth.bias": bias}, None
+            world = depth_patches(batch["depth"][:, :1].to(self.device), grid)
+            reference = batch["geometric_ref"].to(self.device).float()
+            ridges["world_depth"].update(reference.flatten(0, 1), world.flatten(0, 2))
+            if encoder is not None:
+                teacher = depth_patches(encoder.depth(batch["generated"]), grid)
+                tokens = batch["geometric"].to(self.device).float()
+                ridges["depth"].update(tokens.flatten(0, 2), teacher.flatten(0, 2))
+        fitted = {}
+        for name, ridge in ridges.items():
+            self._reduce(ridge.statistics())
+            fitted[f"{name}.weight"], fitted[f"{name}.bias"] = ridge.solve(self.args.probe_ridge)
+        return fitted, [] if encoder is not None else [note]
 
     def _baselines(self) -> None:
         """Fit (or load, when this config already fitted them) the linear probes, the target
-        variances and the depth probe."""
+        statistics and the depth probes."""
         path = self.paths.work / BASELINES_NAME
         fitted = None
         if path.is_file():
@@ -472,8 +484,8 @@ class Distiller:
                 fitted = saved
         if fitted is None:
             fitted = {**self._fit_linear_probes(), "key": self.key}
-            depth, note = self._fit_depth_probe()
-            fitted.update(depth, depth_note=note or "")
+            depth, notes = self._fit_depth_probes()
+            fitted.update(depth, depth_note="; ".join(notes))
             if self.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(fitted, path.with_name(path.name + ".tmp"))
@@ -485,17 +497,21 @@ class Distiller:
             for b, cfg in configs.items()
         }
         self.variance = {b: float(fitted[f"{b}.variance"]) for b in configs}
+        self.moments = {b: (on_device[f"{b}.mean"], on_device[f"{b}.std"]) for b in configs}
         self.probe_clips = int(fitted["train_clips"])
         self.notes = [fitted["depth_note"]] if fitted["depth_note"] else []
-        self.depth_probe = None
+        grid = self.decouplers.geometric.target_grid
+        self.depth_probes = {}
+        if "world_depth.weight" in fitted:
+            weight, bias = on_device["world_depth.weight"], on_device["world_depth.bias"]
+            self.depth_probes["world"] = DepthProbe(weight, bias, grid)
         if "depth.weight" in fitted:
             encoder, note = self._depth_encoder  # built again on a resume: it can fail there
             if encoder is None:
                 self.notes.append(note)
             else:
-                grid = self.decouplers.geometric.target_grid
                 weight, bias = on_device["depth.weight"], on_device["depth.bias"]
-                self.depth_probe = DepthProbe(weight, bias, grid)
+                self.depth_probes["teacher"] = DepthProbe(weight, bias, grid)
 
     # -------------------------------------------------------------------------------- run
 
@@ -626,12 +642,13 @@ class Distiller:
             f"{name} -> {cfg.target_tokens} x {cfg.target_dim} ({cfg.encoder})"
             for name, cfg in self.decouplers.branches().items()
         )
-        counts = {split: len(self.cache.members(split)) for split in ("train", "val")}
+        counts = {split: len(self.cache.members(split)) for split in SPLITS}
         tqdm.write(
             f"distill: one-step features {where}\n"
             f"distill: {features[0]}-channel {features[1]}x{features[1]} features of "
             f"{self.frames} frames; {dims}\n"
-            f"distill: {counts['train']} train / {counts['val']} val clips; {self.total_steps} "
+            f"distill: {counts['train']} train / {counts['val']} val (selection) / "
+            f"{counts['test']} test (report) clips; {self.total_steps} "
             f"steps of {self.args.batch_size} clips x {self.accelerator.num_processes} process(es)"
         )
 
@@ -678,28 +695,42 @@ class Distiller:
     # --------------------------------------------------------------------------- evaluation
 
     def _score(self, result: dict[str, list[float]]) -> float:
-        """The validation counterpart of the loss: weighted NMSE + cosine distance, averaged."""
-        means = _means(result)
-        return self.args.mse_weight * means["nmse"] + self.args.cosine_weight * (
-            1 - means["cosine"]
+        """The validation counterpart of the loss over the future frames: weighted standardised
+        NMSE + cosine distance."""
+        summary = summarize_tokens(result)
+        return self.args.mse_weight * summary["nmse"] + self.args.cosine_weight * (
+            1 - summary["cosine"]
         )
 
     @torch.no_grad()
     def _evaluate(self, models: dict[str, Decoupler], max_clips: int | None, final: bool) -> dict:
-        """Fidelity on the validation split: {branch: {method: {metric: per-frame list}}}, plus
-        'depth' when final and a depth probe exists. Every process evaluates its share."""
+        """Fidelity on the validation split (selection), or, when final, on the test split with
+        the baselines: {branch: {method: {metric: per-frame list}}}, plus 'depth' ({truth:
+        {method: ...}}) when final and a depth probe exists. Every process evaluates its share."""
         methods = METHODS if final else ("decoupler",)
-        with_depth = final and self.depth_probe is not None
-        arrays = [*TARGETS, self.feature_array] + (["generated"] if with_depth else [])
-        loader = self._loader("val", arrays, shuffle=False, max_clips=max_clips)
+        probes = self.depth_probes if final else {}
+        arrays = [*TARGETS, self.feature_array]
+        arrays += ["generated"] if "teacher" in probes else []
+        arrays += ["depth"] if "world" in probes else []
+        loader = self._loader(
+            "test" if final else "val", arrays, shuffle=False, max_clips=max_clips
+        )
         tokens = {
-            name: {m: TokenFidelity(self.frames, cfg.target_dim).to(self.device) for m in methods}
-            for name, cfg in self.decouplers.branches().items()
+            name: {
+                m: ForesightFidelity(self.frames, *self.moments[name]).to(self.device)
+                for m in methods
+            }
+            for name in self.decouplers.branches()
         }
-        depth_methods = (*METHODS, "targets")
-        depth = {m: DepthFidelity(self.frames).to(self.device) for m in depth_methods}
+        depth = {
+            truth: {m: DepthFidelity(self.frames).to(self.device) for m in (*METHODS, "targets")}
+            for truth in probes
+        }
         clips = SumMetric().to(self.device)
-        for batch in tqdm(loader, desc="distill: fidelity", disable=not self.is_main, leave=False):
+        split = "test" if final else "val"
+        for batch in tqdm(
+            loader, desc=f"distill: {split} fidelity", disable=not self.is_main, leave=False
+        ):
             clips.update(len(batch["key"]))
             features = self._features(batch)
             targets, references = self._targets(batch)
@@ -714,15 +745,18 @@ class Distiller:
                     )
                     guesses[name]["linear_probe"] = self.probes[name](features)
                 for method, guess in guesses[name].items():
-                    tokens[name][method].update(guess, targets[name])
-            if with_depth:
-                grid = self.depth_probe.grid
-                truth = depth_map(
-                    depth_patches(self._depth_encoder[0].depth(batch["generated"]), grid), grid
-                )
-                decoded = {**guesses["geometric"], "targets": targets["geometric"]}
+                    tokens[name][method].update(guess, targets[name], references[name])
+            truths = {}
+            if "teacher" in probes:
+                truths["teacher"] = self._depth_encoder[0].depth(batch["generated"])
+            if "world" in probes:
+                truths["world"] = batch["depth"].to(self.device)
+            decoded = {**guesses.get("geometric", {}), "targets": targets["geometric"]}
+            for truth, maps in truths.items():
+                grid = probes[truth].grid
+                maps = depth_map(depth_patches(maps, grid), grid)
                 for method, guess in decoded.items():
-                    depth[method].update(self.depth_probe(guess), truth)
+                    depth[truth][method].update(probes[truth](guess), maps)
         results: dict[str, Any] = {
             name: {
                 m: {k: v.tolist() for k, v in metric.compute().items()}
@@ -731,10 +765,13 @@ class Distiller:
             for name, by_method in tokens.items()
         }
         results["clips"] = int(clips.compute())
-        if with_depth:
+        if depth:
             results["depth"] = {
-                m: {k: v.tolist() for k, v in metric.compute().items()}
-                for m, metric in depth.items()
+                truth: {
+                    m: {k: v.tolist() for k, v in metric.compute().items()}
+                    for m, metric in by.items()
+                }
+                for truth, by in depth.items()
             }
         return results
 
@@ -836,6 +873,7 @@ class Distiller:
         report = {
             "cache": str(self.cache.root),
             "clips": results["clips"],
+            "split": "test",
             "frames": self.frames,
             "onestep": f"{self.mode} ({'the cache' if self.mode == CACHED else self.paths.teacher})",
             "probe": (
@@ -854,14 +892,20 @@ class Distiller:
             }
         if "depth" in results:
             report["depth"] = {
-                "methods": results["depth"],
-                "about": (
-                    "a linear probe from a geometric token to the log depth of its patch, fitted "
-                    "on train clips against Depth Anything 3's depth of the generated frames, "
-                    "decodes every row; the truth is DA3's depth of the generated frames, and the "
-                    "'targets' row (the true tokens decoded) is the floor the probe itself sets"
-                ),
+                truth: {
+                    method: summarize_depth(per_frame, by_method["nothing_moves"])
+                    for method, per_frame in by_method.items()
+                }
+                for truth, by_method in results["depth"].items()
             }
+            report["depth"]["about"] = (
+                "linear probes from a geometric token to the log depth of its patch, fitted on "
+                "train clips, decode every row: against the teacher, from the target tokens to "
+                "Depth Anything 3's depth of the generated frames (the 'targets' row is the floor "
+                "that probe sets); against the world, from the real current frame's tokens to the "
+                "simulator's depth (the 'targets' row is how far the teacher's own foresight is "
+                "from what happened)"
+            )
         for name in BRANCHES:
             if not report["branches"][name]["beats_baselines"]:
                 beaten_by = [
@@ -896,15 +940,19 @@ class Distiller:
 
     def _log_report(self, report: dict) -> None:
         """Fidelity as tensorboard scalars over the frame index (the horizon is the x axis)."""
-        for name, result in report["branches"].items():
-            for method, metrics in result["methods"].items():
-                for metric, values in metrics.items():
-                    for t, value in enumerate(values):
-                        self.writer.add_scalar(f"fidelity/{name}/{metric}/{method}", value, t)
-        for method, metrics in report.get("depth", {}).get("methods", {}).items():
-            for metric, values in metrics.items():
+        curves = {
+            f"fidelity/{name}/{{metric}}/{method}": summary["per_frame"]
+            for name, result in report["branches"].items()
+            for method, summary in result["methods"].items()
+        }
+        for truth, methods in report.get("depth", {}).items():
+            if isinstance(methods, dict):
+                for method, summary in methods.items():
+                    curves[f"fidelity/depth_{truth}/{{metric}}/{method}"] = summary["per_frame"]
+        for tag, per_frame in curves.items():
+            for metric, values in per_frame.items():
                 for t, value in enumerate(values):
-                    self.writer.add_scalar(f"fidelity/depth/{metric}/{method}", value, t)
+                    self.writer.add_scalar(tag.format(metric=metric), value, t)
 
 
 # ---------------------------------------------------------------------------------- the stage

@@ -23,8 +23,11 @@ NORMALIZATION_MODES = ("min_max", "mean_std")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-POLICY_KINDS = ("onestep", "shortcut", "multistep")
+POLICY_KINDS = ("onestep", "shortcut", "multistep", "blind")
 """What `svam train-policy` trains (`train_policy.mode`): one policy per kind of conditioning."""
+
+BLIND = "blind"
+"""The blind baseline's kind: state and instruction only, no streams (see `ForesightMode`)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,9 @@ class ForesightMode:
       the teacher cache used;
     - `partial:F`: the N-step schedule stopped after a fraction F of its steps, its clean-latent
       estimate decoded and encoded (partial denoising, as LingBot-VA acts on half-denoised
-      video).
+      video);
+    - `blind`: no vision at all, the state and the instruction only (no teacher pass, no
+      foresight): the baseline that says whether the tasks need vision.
 
     The generated-foresight modes (`multistep:K`, `partial:F`) all run the `multistep` policy,
     trained on the cache's N-step foresight; K and F only change inference.
@@ -61,6 +66,9 @@ class ForesightMode:
 
     @property
     def streams(self) -> tuple[str, ...]:
+        """The aggregator's input streams; none for `blind`."""
+        if self.kind == BLIND:
+            return ()
         return ("onestep",) if self.kind == "onestep" else STREAMS
 
     def sampling(self, full_steps: int) -> tuple[int, int]:
@@ -87,13 +95,14 @@ def parse_mode(mode: str) -> ForesightMode:
             return ForesightMode(mode, kind, fraction=fraction)
     raise ValueError(
         f"foresight mode '{mode}' is not one of onestep, shortcut, multistep, multistep:K "
-        "(K >= 1), partial:F (0 < F < 1)"
+        "(K >= 1), partial:F (0 < F < 1), blind"
     )
 
 
 def foresight_streams(mode: str) -> tuple[str, ...]:
     """The aggregator's input streams for a foresight mode: `onestep` reads the one-step features
-    only; every other mode reads them together with semantic and geometric tokens."""
+    only, `blind` reads none (it has no aggregator); every other mode reads them together with
+    semantic and geometric tokens."""
     return parse_mode(mode).streams
 
 
@@ -149,7 +158,11 @@ def _tiny_streams() -> list[StreamConfig]:
 
 @dataclass
 class AggregatorConfig:
-    """The Uni-Perceiver: latent queries per frame read the frame's tokens of every stream."""
+    """The Uni-Perceiver: latent queries per frame read the frame's tokens of every stream.
+
+    No streams (`for_mode("blind")`) means no aggregator: a policy builds none and gives the head
+    no tokens (`num_tokens` is 0, see `PolicyModelsConfig`); a Uni-Perceiver itself needs at least
+    one stream (`validate`)."""
 
     streams: list[StreamConfig] = field(default_factory=_tiny_streams)
     """The streams forward() takes, in order; `for_mode()` keeps those of a foresight mode."""
@@ -164,8 +177,8 @@ class AggregatorConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Output tokens: num_frames * queries_per_frame."""
-        return self.num_frames * self.queries_per_frame
+        """Output tokens: num_frames * queries_per_frame; 0 without streams (no aggregator)."""
+        return self.num_frames * self.queries_per_frame if self.streams else 0
 
     @property
     def stream_names(self) -> tuple[str, ...]:
@@ -217,7 +230,8 @@ class ActionHeadConfig:
     cond_dim: int = 64
     """Width of the aggregator tokens (aggregator.dim)."""
     cond_tokens: int = 32
-    """Aggregator tokens (aggregator.num_tokens)."""
+    """Aggregator tokens (aggregator.num_tokens); 0 for a policy without an aggregator (`blind`),
+    whose context is the instruction and the state alone."""
     text_dim: int = 64
     text_tokens: int = 20
     state_dim: int = 4
@@ -266,7 +280,6 @@ class ActionHeadConfig:
             "action_dim",
             "horizon",
             "cond_dim",
-            "cond_tokens",
             "text_dim",
             "text_tokens",
             "dim",
@@ -278,7 +291,7 @@ class ActionHeadConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: {key}={getattr(self, key)} must be at least 1")
-        for key in ("state_dim", "context_layers"):
+        for key in ("cond_tokens", "state_dim", "context_layers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{where}: {key}={getattr(self, key)} must be at least 0")
         if self.dim % self.num_heads:
@@ -327,22 +340,34 @@ class NormalizationConfig:
 
 @dataclass
 class PolicyModelsConfig:
-    """The config section: aggregator, action head and normalisation of one policy."""
+    """The config section: aggregator, action head and normalisation of one policy.
+
+    An aggregator without streams (the `blind` policy) is no aggregator: it is not validated nor
+    built, and the head is conditioned on the instruction's text tokens and the state alone. The
+    head is unchanged: the policy hands it an empty (B, 0, cond_dim) token tensor, so its context
+    (and its cross-attention) is just text + state, with nothing to learn or mask; cond_tokens
+    must then be 0. That keeps one head and one ActionCondition for every kind, where an optional
+    `tokens` or a learned stand-in token would add a branch (or a constant) to every path."""
 
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     action_head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
 
     def validate(self) -> None:
-        self.aggregator.validate()
+        if self.aggregator.streams:  # none: no aggregator (blind), see the class docstring
+            self.aggregator.validate()
         self.action_head.validate()
         self.normalization.validate()
         head, aggregator = self.action_head, self.aggregator
-        for key, value in (("cond_dim", aggregator.dim), ("cond_tokens", aggregator.num_tokens)):
+        tokens = "num_frames * queries_per_frame" if aggregator.streams else "no streams: none"
+        for key, value, why in (
+            ("cond_dim", aggregator.dim, "dim"),
+            ("cond_tokens", aggregator.num_tokens, tokens),
+        ):
             if getattr(head, key) != value:
                 raise ValueError(
                     f"action_head.{key}={getattr(head, key)} but the aggregator gives {value} "
-                    f"({'dim' if key == 'cond_dim' else 'num_frames * queries_per_frame'})"
+                    f"({why})"
                 )
         if (
             self.normalization.actions == "mean_std"

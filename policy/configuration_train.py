@@ -21,8 +21,9 @@ def mode_dirname(mode: str) -> str:
 class PolicyTrainConfig:
     mode: str = "shortcut"
     """The policy to train: shortcut (one-step features + decoupler foresight), onestep (one-step
-    features only) or multistep (the real encoders on the teacher's generated frames, trained on
-    the cache's N-step targets; it runs every multistep:K and partial:F mode at inference)."""
+    features only), multistep (the real encoders on the teacher's generated frames, trained on
+    the cache's N-step targets; it runs every multistep:K and partial:F mode at inference) or
+    blind (state and instruction only, no vision: the baseline)."""
     cache: str | None = None
     """Teacher-cache directory; None: cache.output_dir, else the run directory's cache/."""
     teacher: str | None = None
@@ -35,7 +36,7 @@ class PolicyTrainConfig:
     sibling `<output_dir>-train/`."""
     onestep: str = "auto"
     """Where one-step features come from: cached, on-the-fly (the teacher, fresh noise per clip
-    and epoch) or auto (cached when the cache holds them)."""
+    and epoch) or auto (cached when the cache holds them). A blind policy reads none: ignored."""
     use_state: bool = True
     """Condition the action head on the current proprioception."""
 

@@ -51,9 +51,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from distill import flop_counter
 from policy.configuration_policy import ActionHeadConfig
 from policy.layers import Attention, KeyValue, TransformerLayer, feed_forward, init_linear_layers
+from svam.flops import flop_counter
 from svam.serialization import (
     check_expected,
     count_parameters,
@@ -85,6 +85,18 @@ class EncodedCondition:
 
     key_values: list[KeyValue]
     mask: torch.Tensor | None
+
+
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator for the batch, or one per batch row (diffusers' convention, as the teacher's
+`teachers.modeling_teacher.Generators`)."""
+
+
+def check_generators(generator: Generators, batch: int) -> None:
+    """Refuse a list of generators that is not one per batch row (diffusers' `randn_tensor`
+    would index past its end, or silently ignore the extra ones)."""
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}: pass one per row")
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -255,15 +267,17 @@ class DiffusionActionHead(nn.Module):
     def sample(
         self,
         cond: ActionCondition,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_inference_steps: int | None = None,
     ) -> torch.Tensor:
         """Normalised action chunks (B, horizon, action_dim) by DDIM (eta 0) from Gaussian noise
-        drawn with `generator`: the same generator state gives the same chunks."""
+        drawn with `generator`, or with one generator per row (a list of B): the same generator
+        state gives the same chunks, and with a list a row's chunk does not depend on its batch."""
         config = self.config
         steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        encoded = self.encode(cond)
         batch = cond.tokens.shape[0]
+        check_generators(generator, batch)
+        encoded = self.encode(cond)
         device, dtype = cond.tokens.device, self.action_position.dtype
         scheduler = self.sample_scheduler
         scheduler.set_timesteps(steps, device=device)

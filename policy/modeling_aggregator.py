@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill import flop_counter
 from policy.configuration_policy import AggregatorConfig, StreamConfig
 from policy.layers import Attention, feed_forward, init_linear_layers
+from svam.flops import flop_counter
 from svam.serialization import (
     check_expected,
     count_parameters,

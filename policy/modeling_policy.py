@@ -8,20 +8,22 @@ foresight modes (`policy.configuration_policy.ForesightMode`).
     multistep:K  teacher K-step generation ─► features of its first step ────────► onestep
     partial:F                             └─► generated frames ─► DINOv2 / DA3 ──► semantic,
                                                                                    geometric
+    blind        nothing: no teacher pass, no streams, no aggregator (state and instruction only)
     streams ─► Uni-Perceiver ─► tokens ─┐
     instruction ─► teacher's CLIP text encoder ─┼─► diffusion action head (DDIM) ─► unnormalise
     state ─► normalise ─────────────────────────┘
 
 A policy directory holds `config.json` (`ShortcutPolicyConfig`: the policy kind trained
-(onestep, shortcut or multistep; a multistep policy runs any multistep:K or partial:F mode), the
-resolved model
-configs, and where the frozen parts live with their fingerprints) and `model.safetensors` (the
-aggregator, the head and both normalisers). Loading checks the teacher's fingerprint (its
-`teacher_config.json`), the encoders' fingerprints and each decoupler's config and weights hash
-against what the policy was trained with; any difference is one PolicyLoadError line.
+(onestep, shortcut, multistep or blind; a multistep policy runs any multistep:K or partial:F
+mode), the resolved model configs, and where the frozen parts live with their fingerprints) and
+`model.safetensors` (the aggregator, if any, the head and both normalisers). Loading checks the
+teacher's fingerprint (its `teacher_config.json`), the encoders' fingerprints and each
+decoupler's config and weights hash against what the policy was trained with; any difference is
+one PolicyLoadError line.
 
 Randomness: the teacher's noise and then the head's initial noise are drawn from `generator` in
-that order, so the same generator state gives the same chunk.
+that order (a blind policy draws the head's only), so the same generator state gives the same
+chunk.
 
 Parts: a control step runs the parts of PARTS in order, each inside `ShortcutPolicy.part(name)`;
 observers added to `ShortcutPolicy.observers` (context-manager factories taking the part's name)
@@ -47,7 +49,12 @@ from policy.configuration_policy import (
     foresight_streams,
     parse_mode,
 )
-from policy.modeling_action_head import ActionCondition, DiffusionActionHead
+from policy.modeling_action_head import (
+    ActionCondition,
+    DiffusionActionHead,
+    Generators,
+    check_generators,
+)
 from policy.modeling_aggregator import UniPerceiver
 from policy.normalization import Normalizer
 from svam.data.shards import sha256_file
@@ -74,7 +81,7 @@ class ShortcutPolicyConfig:
     """What a policy's `config.json` holds."""
 
     mode: str = "shortcut"
-    """The policy kind trained: onestep, shortcut or multistep (see `ForesightMode`)."""
+    """The policy kind trained: onestep, shortcut, multistep or blind (see `ForesightMode`)."""
     models: PolicyModelsConfig = field(default_factory=PolicyModelsConfig)
     """Aggregator (the mode's streams, dims resolved from the cache), head and normalisation."""
     feature_steps: int = 25
@@ -102,7 +109,7 @@ class ShortcutPolicyConfig:
 
     @property
     def needs_encoders(self) -> bool:
-        return self.mode != "onestep"
+        return self.mode in ("shortcut", "multistep")
 
     @property
     def needs_decouplers(self) -> bool:
@@ -130,12 +137,14 @@ class ShortcutPolicyConfig:
 
 
 class PolicyNet(nn.Module):
-    """What a policy trains and saves: aggregator, action head and the normalisers."""
+    """What a policy trains and saves: aggregator, action head and the normalisers. A blind
+    policy (no streams) has no aggregator: the head gets no tokens, only the instruction and the
+    state (see `PolicyModelsConfig`)."""
 
     def __init__(self, config: ShortcutPolicyConfig):
         super().__init__()
         models = config.models
-        self.aggregator = UniPerceiver(models.aggregator)
+        self.aggregator = UniPerceiver(models.aggregator) if models.aggregator.streams else None
         self.head = DiffusionActionHead(models.action_head)
         norm = models.normalization
         self.action_normalizer = Normalizer(models.action_head.action_dim, norm.actions, norm.eps)
@@ -151,8 +160,15 @@ class PolicyNet(nn.Module):
         text: torch.Tensor,
         state: torch.Tensor | None,
     ) -> ActionCondition:
-        """The head's condition; `state` raw (B, S) or None."""
-        tokens = self.aggregator(streams)
+        """The head's condition; `state` raw (B, S) or None. Without an aggregator (blind) the
+        tokens are an empty (B, 0, cond_dim) tensor and `streams` must be empty."""
+        if self.aggregator is not None:
+            tokens = self.aggregator(streams)
+        elif streams:
+            raise ValueError(f"a blind policy reads no streams, got ({', '.join(streams)})")
+        else:
+            width = self.head.config.cond_dim
+            tokens = text.new_zeros(text.shape[0], 0, width, dtype=torch.float32)
         if self.state_normalizer is not None:
             if state is None:
                 raise ValueError(
@@ -271,10 +287,14 @@ class ShortcutPolicy:
         self,
         frames: torch.Tensor,
         instructions: Sequence[str],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, torch.Tensor]:
-        """The aggregator's streams of the mode for current frames (B, 3, H, W) uint8."""
+        """The aggregator's streams of the mode for current frames (B, 3, H, W) uint8; the
+        teacher's noise comes from `generator`, or from one generator per row (a list of B)."""
+        check_generators(generator, frames.shape[0])
         frozen, foresight, instructions = self.frozen, self.foresight, list(instructions)
+        if not foresight.streams:  # blind: no teacher pass, nothing for an aggregator
+            return {}
         if foresight.generates:
             schedule, steps = foresight.sampling(self.config.feature_steps)
             with self.part("teacher"):
@@ -328,11 +348,15 @@ class ShortcutPolicy:
         frames: torch.Tensor,
         instructions: str | Sequence[str],
         state: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_inference_steps: int | None = None,
     ) -> torch.Tensor:
         """Action chunks (B, K, A), unnormalised, for current frames (B, 3, H, W) uint8, their
-        instructions and (for a policy with use_state) raw states (B, S)."""
+        instructions and (for a policy with use_state) raw states (B, S).
+
+        `generator` is one generator for the batch or a list of one per row; with a list, each
+        row draws the teacher's noise and then the head's from its own generator, so a row's
+        chunk is the one it would get alone (up to floating-point rounding of batched kernels)."""
         if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
             raise ValueError(
                 f"frames must be uint8 (B, 3, H, W), got {frames.dtype} {tuple(frames.shape)}"
@@ -351,10 +375,11 @@ class ShortcutPolicy:
         streams: Mapping[str, torch.Tensor],
         instructions: Sequence[str],
         state: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_inference_steps: int | None = None,
     ) -> torch.Tensor:
-        """Action chunks (B, K, A), unnormalised, from the mode's streams (`streams`)."""
+        """Action chunks (B, K, A), unnormalised, from the mode's streams (`streams`); the head's
+        noise comes from `generator`, or from one generator per row (a list of B)."""
         if state is not None:
             state = torch.as_tensor(state, dtype=torch.float32)
         with self.part("text"):

@@ -10,7 +10,11 @@ Streams per mode, all from the cache:
 - `multistep`: those features plus the cached semantic and geometric targets, i.e. the encoders
   on the teacher's N-step generation. This one policy runs every generating mode at inference
   (`multistep:K` for any K, `partial:F`): retraining per K would need the teacher to generate
-  every clip on the fly, so the cheaper foresight is judged by the policy trained on the best.
+  every clip on the fly, so the cheaper foresight is judged by the policy trained on the best;
+- `blind`: no streams at all, the state and the instruction only (the baseline that says whether
+  the tasks need vision): it reads the cache's actions, state and instructions, never its one-step
+  features, and loads no decouplers and runs no teacher pass (its key ignores the one-step
+  settings).
 
 The instruction is embedded by the teacher's frozen CLIP text encoder (computed once per
 distinct instruction). Actions and the current state are normalised with statistics of the train
@@ -39,7 +43,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from policy.configuration_policy import AggregatorConfig, PolicyModelsConfig, StreamConfig
+from policy.configuration_policy import (
+    AggregatorConfig,
+    PolicyModelsConfig,
+    StreamConfig,
+    foresight_streams,
+)
 from policy.configuration_train import mode_dirname
 from policy.modeling_policy import (
     BRANCHES,
@@ -107,17 +116,40 @@ def _decoupler_fingerprints(paths: PolicyPaths) -> dict[str, str]:
     return {b: file_fingerprint(paths.decouplers / b / "model.safetensors") for b in BRANCHES}
 
 
-def training_key(config: Config, cache: TeacherCache, source: str, paths: PolicyPaths) -> str:
+def reads_onestep(mode: str) -> bool:
+    """Whether the policy of `mode` reads one-step features (every kind but blind)."""
+    return "onestep" in foresight_streams(mode)
+
+
+def policy_onestep_source(config: Config, cache: TeacherCache) -> str | None:
+    """Where the policy's one-step features come from (`onestep_source`); None for a policy that
+    reads none (blind), whatever `train_policy.onestep` says."""
+    if not reads_onestep(config.train_policy.mode):
+        return None
+    return onestep_source(cache, config.train_policy.onestep, "train_policy.onestep")
+
+
+def training_key(
+    config: Config, cache: TeacherCache, source: str | None, paths: PolicyPaths
+) -> str:
     """What the trained policy depends on: model and training settings (paths, resumption and
     logging left out), the run seed, the cache manifest, the one-step source and, for a
-    shortcut policy, the decouplers' weights."""
+    shortcut policy, the decouplers' weights. A blind policy (`source` None) leaves out what it
+    does not read: the one-step source and settings, and every aggregator setting except its
+    width (which is the head's cond_dim)."""
     args = config.train_policy
     settings = {k: v for k, v in to_dict(args).items() if k not in NOT_IN_KEY}
+    policy = to_dict(config.policy)
+    if source is None:
+        del settings["onestep"]
+        policy["aggregator"] = {"dim": policy["aggregator"]["dim"]}
     parts: dict[str, Any] = {
-        "policy": to_dict(config.policy),
+        "policy": policy,
         "train_policy": {**settings, **loader_settings(config.train_policy, config.data)},
         **cache_key_parts(config, cache, source),
     }
+    if source is None:
+        parts.pop("onestep", None)
     if args.mode == "shortcut":
         parts["decouplers"] = _decoupler_fingerprints(paths)
     return config_hash(parts)
@@ -129,12 +161,7 @@ def is_policy_trained(config: Config) -> bool:
     try:
         cache = TeacherCache.open(paths.cache, verify=False)
         record = json.loads((paths.output / RECORD_NAME).read_text())
-        key = training_key(
-            config,
-            cache,
-            onestep_source(cache, config.train_policy.onestep, "train_policy.onestep"),
-            paths,
-        )
+        key = training_key(config, cache, policy_onestep_source(config, cache), paths)
         return record.get("key") == key
     except (OSError, ValueError):
         return False
@@ -144,17 +171,17 @@ def resolve_models(
     section: PolicyModelsConfig,
     mode: str,
     cache: TeacherCache,
-    features: tuple[int, int],
+    features: tuple[int, int] | None,
     text: tuple[int, int],
     use_state: bool,
 ) -> PolicyModelsConfig:
     """The policy's model configs with every data dim taken from the cache, the one-step features
-    ((channels, grid side)) and the text encoder ((tokens, dim)); the sizes (depths, widths,
-    pooling, schedule) are the section's."""
+    ((channels, grid side); None for a mode that reads none) and the text encoder ((tokens,
+    dim)); the sizes (depths, widths, pooling, schedule) are the section's."""
     manifest, where = cache.manifest, cache.manifest_path
     _, arrays, _ = cache.first_sample
     horizon, action_dim = arrays["actions"].shape
-    dims = {"onestep": (features[1] ** 2, features[0])}
+    dims = {} if features is None else {"onestep": (features[1] ** 2, features[0])}
     for branch in BRANCHES:
         tokens, dim = manifest["dims"][branch]
         dims[branch] = (tokens, dim)
@@ -231,9 +258,7 @@ class PolicyTrainer:
         )
         self.mode = self.args.mode
         self.cache = TeacherCache.open(paths.cache)
-        self.source = onestep_source(
-            self.cache, config.train_policy.onestep, "train_policy.onestep"
-        )
+        self.source = policy_onestep_source(config, self.cache)  # None: blind
         if self.mode == "shortcut":
             for branch in BRANCHES:
                 if not (paths.decouplers / branch / "model.safetensors").is_file():
@@ -289,6 +314,8 @@ class PolicyTrainer:
             self.decouplers[branch] = model.eval().requires_grad_(False)
 
     def _arrays(self) -> list[str]:
+        if self.source is None:  # blind: the instruction comes with every clip
+            return ["actions", "state"]
         arrays = ["actions", "state", "onestep" if self.source == CACHED else CURRENT]
         if self.mode == "shortcut":
             arrays += [f"{b}_ref" for b in BRANCHES]
@@ -327,6 +354,8 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def _streams(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.source is None:  # blind: no streams, no teacher pass
+            return {}
         features = self._features(batch)
         streams = {"onestep": features_to_tokens(features)}
         if self.mode == "shortcut":
@@ -372,7 +401,7 @@ class PolicyTrainer:
             self.config.policy,
             self.mode,
             self.cache,
-            self._feature_shape(),
+            None if self.source is None else self._feature_shape(),
             (teacher.max_text_length, teacher.text_hidden_size),
             self.args.use_state,
         )
@@ -516,9 +545,14 @@ class PolicyTrainer:
         streams = ", ".join(f"{s.name} {s.tokens}x{s.dim}" for s in cfg.aggregator.streams)
         counts = {split: len(self.cache.members(split)) for split in ("train", "val")}
         source = "cache" if self.source == CACHED else f"teacher at {self.paths.teacher}"
+        reads = (
+            "no streams (state and instruction only)"
+            if self.source is None
+            else f"streams per frame: {streams} (one-step features from the {source})"
+        )
         tqdm.write(
-            f"train-policy: mode {self.mode}; streams per frame: {streams} (one-step features "
-            f"from the {source}); chunks {cfg.action_head.horizon}x{cfg.action_head.action_dim}\n"
+            f"train-policy: mode {self.mode}; {reads}; chunks "
+            f"{cfg.action_head.horizon}x{cfg.action_head.action_dim}\n"
             f"train-policy: {counts['train']} train / {counts['val']} val clips; "
             f"{self.total_steps} steps of {self.args.batch_size} clips x "
             f"{self.accelerator.num_processes} process(es)"
@@ -628,7 +662,7 @@ class PolicyTrainer:
                 "key": self.key,
                 "mode": self.mode,
                 "steps": step,
-                "onestep": self.source,
+                "onestep": self.source,  # None: blind reads no one-step features
                 "ema": self.ema is not None,
                 "cache": str(self.cache.root),
                 "final_train_loss": self.history[-1] if self.history else None,

@@ -6,8 +6,11 @@
 
 Runs `svam demo` in a subprocess and samples, every `--interval` seconds, the resident memory
 summed over the demo and all its descendants (the rollout workers run beside the main process,
-so the largest single process understates the peak). Prints the wall time, the peak and the
-stage it happened in, and writes them as JSON with `--json`.
+so the largest single process understates the peak). Prints the wall time, each stage's wall time
+and peak, and writes them as JSON with `--json`. On a machine with AVX-512, measure the AVX2-only
+machines too by capping torch's and oneDNN's kernels:
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python scripts/bench_demo.py
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ def main() -> None:
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stage = {"name": "start"}
     stage_peaks: dict[str, int] = {}
+    stage_starts: dict[str, float] = {"start": 0.0}
 
     def read_output() -> None:
         for chunk in iter(lambda: child.stdout.read1(4096), b""):
             log.write(chunk)
+            log.flush()
             for match in STAGE.finditer(chunk):
                 stage["name"] = match.group(2).decode()
+                stage_starts.setdefault(stage["name"], time.perf_counter() - start)
 
     reader = threading.Thread(target=read_output, daemon=True)
     reader.start()
@@ -74,12 +80,16 @@ def main() -> None:
     log.close()
     seconds = time.perf_counter() - start
     peak_stage = max(stage_peaks, key=stage_peaks.get)
+    starts = sorted(stage_starts.items(), key=lambda item: item[1])
+    ends = [t for _, t in starts[1:]] + [seconds]
+    stage_seconds = {name: end - begin for (name, begin), end in zip(starts, ends, strict=True)}
     results = {
         "exit_code": child.returncode,
         "wall_s": seconds,
         "peak_rss_gib": stage_peaks[peak_stage] / 2**30,
         "peak_stage": peak_stage,
         "stage_peaks_gib": {k: v / 2**30 for k, v in stage_peaks.items()},
+        "stage_seconds": stage_seconds,
         "cpus": psutil.cpu_count(),
     }
     minutes, rest = divmod(seconds, 60)
@@ -89,7 +99,8 @@ def main() -> None:
         f"{results['peak_rss_gib']:.2f} GiB in {peak_stage}"
     )
     for name, peak in results["stage_peaks_gib"].items():
-        print(f"  {name:<16} peak {peak:.2f} GiB")
+        minutes = stage_seconds.get(name, 0.0) / 60
+        print(f"  {name:<16} {minutes:5.1f} min, peak {peak:.2f} GiB")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     sys.exit(child.returncode)

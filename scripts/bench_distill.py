@@ -4,7 +4,7 @@ throughput with the data loader measured alone.
     python scripts/bench_distill.py [--cache DIR] [--steps 100] [--repeats 20] [key=value ...]
 
 (a) Cost per clip, both decouplers against the teacher's one-step feature pass:
-    - tiny: FLOPs (distill's FLOP counter, torch's FlopCounterMode plus the fused CPU attention
+    - tiny: FLOPs (svam.flops.flop_counter: torch's FLOP counter plus the fused CPU attention
       kernel it misses) of `TeacherPipeline.features` on a random-init tiny teacher, and of the
       tiny decouplers built for its features; CPU wall-time medians of both, batch 1, 1 thread;
     - published size: svam's full-scale decouplers and S-VAM's published ones against SVD's
@@ -29,13 +29,13 @@ import torch
 from distill import (
     build_decouplers,
     decoupler_flops,
-    flop_counter,
     full_scale_decouplers,
     published_decouplers,
 )
 from distill.train import Distiller, distill_paths
 from svam.config import Config, load_config
 from svam.data.teacher_cache import TARGETS, teacher_cache_loader, write_teacher_cache
+from svam.flops import flop_counter
 from teachers.configuration_encoders import EncodersConfig
 from teachers.modeling_teacher import VideoTeacher
 from teachers.pipeline_teacher import TeacherPipeline

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from svam.config import Config, load_config
+from svam.flops import flop_counter
 from teachers.modeling_teacher import VideoTeacher, unet_forward
 from teachers.pipeline_teacher import TeacherPipeline
 from teachers.train import TeacherTrainer
@@ -43,7 +43,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 

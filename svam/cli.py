@@ -121,16 +121,22 @@ STAGES = [
     Stage(
         "eval",
         "the latency–fidelity report of every foresight mode",
-        """Measures each mode of eval.modes (onestep, shortcut, multistep:K, partial:F) side by
-        side: control-step latency (median, p95; modes interleaved, threads fixed), FLOPs per
-        step by part against this machine's measured matmul peak, foresight fidelity against the
-        cache's N-step targets and action error on validation clips, and task success in
-        Meta-World closed loop on seeds never used for collection (eval.workers processes, a few
-        rollouts as GIFs). Writes report.md (headline table, the answer to "does the shortcut
-        beat raw one-step features, and how far is it from full multi-step foresight"),
-        report.json, PNG plots with the Pareto front, and tensorboard figures. A rerun reuses
-        every measurement whose inputs did not change; a mode without a policy is reported as
-        missing. Reads: policy/, cache/, teacher/, decouplers/. Writes: runs/<name>/eval/.""",
+        """Measures each mode of eval.modes (blind, onestep, shortcut, multistep:K, partial:F)
+        side by side: control-step latency (median, p95; modes interleaved, threads fixed, batch
+        1), FLOPs per step by part against this machine's measured matmul peak and at the
+        published size (configs/svd-xt.yaml, counted on `meta`), foresight fidelity against the
+        cache's N-step targets (skill against "nothing moves", standardised NMSE, centred cosine,
+        depth against the teacher and the world) under the cache's noise and fresh noise with the
+        teacher's sampling floor, and action error, on test clips no stage selected on; and task
+        success in Meta-World closed loop on seeds never used for collection, the same episodes
+        and noise in every mode (lockstep batches of eval.batch_size in eval.workers processes,
+        a few rollouts as GIFs), compared mode against mode with exact paired tests. Writes
+        report.md (headline table, the answers to "does the shortcut beat raw one-step features,
+        how far is it from full multi-step foresight, and does vision matter at all", with the
+        smallest difference the run could detect), report.json, PNG plots with the Pareto front,
+        and tensorboard figures. A rerun reuses every measurement whose inputs did not change; a
+        mode without a policy is reported as missing. A cache without test clips is refused.
+        Reads: policy/, cache/, teacher/, decouplers/. Writes: runs/<name>/eval/.""",
         "svam.eval.evaluate:evaluate",
         done="svam.eval.evaluate:is_evaluated",
         options=("out_dir",),
@@ -201,8 +207,22 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     shard_set = ShardSet.open(args.path, verify=False)
     manifest = shard_set.manifest
     print(f"{shard_set.root}: {manifest['kind']} shards, schema v{manifest['schema_version']}")
-    summary = {k: v for k, v in manifest.items() if k not in ("shards", "schema", "episodes")}
+    hidden = ("shards", "schema", "episodes", "splits")
+    summary = {k: v for k, v in manifest.items() if k not in hidden}
     print(textwrap.indent(json.dumps(summary, indent=2, sort_keys=True), "  "))
+    splits = manifest.get("splits")
+    if splits:  # a teacher cache: clips and episodes per split, the fractions that cut them
+        from svam.data.episodes import SPLITS
+
+        sizes = ", ".join(
+            f"{name} {manifest['counts'].get(name, 0)} clips / {splits['episodes'][name]} episodes"
+            for name in SPLITS
+            if name in splits["episodes"]
+        )
+        print(
+            f"splits: {sizes} (by episode, stratified by task: data.val_fraction="
+            f"{splits['val_fraction']}, data.test_fraction={splits['test_fraction']})"
+        )
     print(f"shards ({len(manifest['shards'])}, listed in {MANIFEST_NAME}):")
     for shard in manifest["shards"]:
         print(

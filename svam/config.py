@@ -74,8 +74,12 @@ class DataConfig:
     """Actions per clip, starting at the current frame."""
     window_step: int = 2
     """Environment steps between the starts of consecutive clips of one episode."""
-    val_fraction: float = 0.25
-    """Fraction of each task's episodes held out for validation (split by episode, never by clip)."""
+    val_fraction: float = 0.2
+    """Fraction of each task's episodes held out for validation: checkpoint and model selection
+    only (split by episode, never by clip)."""
+    test_fraction: float = 0.2
+    """Fraction of each task's episodes held out for testing: every number a report gives, never
+    used for fitting or selection."""
     shuffle_buffer: int = 256
     num_workers: int = 0
     batch_size: int = 8

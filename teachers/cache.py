@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from svam import __version__
 from svam.config import Config, config_hash
-from svam.data.episodes import clip_starts, split_episodes
+from svam.data.episodes import SPLITS, clip_starts, split_counts, split_episodes
 from svam.data.schema import EPISODES, TEACHER_CACHE, SchemaError
 from svam.data.shards import (
     MANIFEST_NAME,
@@ -74,7 +74,7 @@ class ShardJob:
 def plan_shards(episodes: ShardSet, config: Config) -> list[ShardJob]:
     """Every clip of the chosen splits, in episode-manifest order, cut into shards per split."""
     manifest, data, cache = episodes.manifest, config.data, config.cache
-    split_of = split_episodes(manifest["episodes"], data.val_fraction)
+    split_of = split_episodes(manifest["episodes"], data.val_fraction, data.test_fraction)
     order = [key for shard in manifest["shards"] for key in shard["keys"]]
     jobs = []
     for split in cache.splits:
@@ -156,6 +156,9 @@ class TeacherCacheJob:
             raise ValueError(f"cache.dtype='{cache.dtype}': one of {', '.join(DTYPES)}")
         if cache.clips_per_shard < 1 or cache.batch_size < 1:
             raise ValueError("cache.clips_per_shard and cache.batch_size must be at least 1")
+        unknown = [split for split in cache.splits if split not in SPLITS]
+        if unknown or not cache.splits:
+            raise ValueError(f"cache.splits={cache.splits}: each one of {', '.join(SPLITS)}")
         self.episodes = ShardSet.open(cache.episodes or run_dir.episodes, kind=EPISODES.kind)
         teacher_dir = Path(cache.teacher or run_dir.teacher)
         device = _resolve_device(cache.device) if cache.device != "auto" else state.device
@@ -224,7 +227,7 @@ class TeacherCacheJob:
                 + self.geometric.num_tokens * self.geometric.out_dim
             )
             * 2,
-            "frames+actions+state": frames * size * size * 3
+            "frames+depth+actions+state": frames * size * size * (3 + 2)
             + data.action_horizon * 4 * 4
             + frames * 16,
         }
@@ -249,6 +252,7 @@ class TeacherCacheJob:
             arrays.append(
                 {
                     "frames": episode["frames"][steps],
+                    "depth": episode["depth"][steps],
                     "actions": episode["actions"][clip.start : clip.start + data.action_horizon],
                     "state": episode["state"][steps],
                 }
@@ -408,6 +412,20 @@ class TeacherCacheJob:
             f"({per_clip / 1024:,.0f} KiB per clip: {parts})"
         )
 
+    def splits(self) -> dict[str, Any]:
+        """The episode split the cache was cut by: fractions, episodes per split, the test
+        episodes by name (what no stage may select on)."""
+        data = self.config.data
+        split_of = split_episodes(
+            self.episodes.manifest["episodes"], data.val_fraction, data.test_fraction
+        )
+        return {
+            "val_fraction": data.val_fraction,
+            "test_fraction": data.test_fraction,
+            "episodes": split_counts(split_of),
+            "test_episodes": sorted(k for k, s in split_of.items() if s == "test"),
+        }
+
     def write_manifest(self) -> None:
         records = []
         for job in self.jobs:
@@ -432,6 +450,7 @@ class TeacherCacheJob:
                 "clip_frames": self.config.data.clip_frames,
             },
             "encoders": asdict(self.config.encoders),
+            "splits": self.splits(),
         }
         write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
         note = f", skipped {len(skipped)} with NaN/Inf: {', '.join(skipped)}" if skipped else ""

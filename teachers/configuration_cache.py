@@ -16,7 +16,9 @@ class CacheConfig:
     """Teacher-cache shard directory; None: the run directory's cache/."""
     num_inference_steps: int | None = None
     """N, the teacher's sampling steps for the targets; None: the teacher config's."""
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    """Episode splits to cache (data.val_fraction / data.test_fraction cut them): train fits,
+    val selects, test is what `svam eval` and distill's fidelity report measure on."""
     clips_per_shard: int = 32
     """Also the unit of resumption: a re-run redoes only shards that were not finished."""
     batch_size: int = 8

@@ -54,7 +54,7 @@ def check_image_size(size: int, key: str) -> None:
 
 
 @contextlib.contextmanager
-def _seeded_init(seed: int, device: torch.device) -> Iterator[None]:
+def seeded_init(seed: int, device: torch.device) -> Iterator[None]:
     """Build modules from `seed` on the CPU generator, leaving the caller's RNG state as it was.
 
     On the meta device parameters get no storage (accelerate's init_empty_weights: DA3's
@@ -215,7 +215,7 @@ class SemanticEncoder(_FrameEncoder):
         super().__init__(model, image_size, [weights] if weights else [], seed, device, dtype)
         state = _read_state_dict(weights) if weights is not None else None
         # With weights, an empty model: a random init would only be overwritten.
-        with _seeded_init(seed, device if state is None else torch.device("meta")):
+        with seeded_init(seed, device if state is None else torch.device("meta")):
             self.vit = timm.create_model(model, img_size=image_size, use_naflex=False)
         if state is not None:
             try:
@@ -302,7 +302,7 @@ class GeometricEncoder(_FrameEncoder):
         files = [weights / "config.json", weights / "model.safetensors"] if weights else []
         super().__init__(model, image_size, files, seed, device, dtype)
         if weights is None:
-            with _seeded_init(seed, device):
+            with seeded_init(seed, device):
                 da3 = da3_class(model_name=model)
         else:
             da3 = self._load(da3_class, weights)

@@ -41,6 +41,7 @@ MICRO = [
     "data.action_horizon=4",
     "data.window_step=4",
     "data.val_fraction=0.34",
+    "data.test_fraction=0.34",
     "encoders.semantic_image_size=28",
     "encoders.geometric_image_size=28",
     "cache.clips_per_shard=2",
@@ -84,10 +85,12 @@ def shard_bytes(root: Path) -> dict[str, bytes]:
 def test_cache_contents(reference):
     shard_set = ShardSet.open(reference, kind=TEACHER_CACHE.kind)
     manifest = shard_set.manifest
-    assert manifest["counts"] == {"train": 12, "val": 6} and manifest["skipped_nonfinite"] == []
-    assert [s["name"] for s in manifest["shards"]] == [f"train-0000{i}.tar" for i in range(6)] + [
-        f"val-0000{i}.tar" for i in range(3)
+    counts = {"train": 6, "val": 6, "test": 6}  # one episode of each task per split
+    assert manifest["counts"] == counts and manifest["skipped_nonfinite"] == []
+    assert [s["name"] for s in manifest["shards"]] == [
+        f"{split}-0000{i}.tar" for split in counts for i in range(3)
     ]
+    assert manifest["splits"]["episodes"] == {"train": 2, "val": 2, "test": 2}
     assert manifest["num_inference_steps"] == 3 and manifest["teacher_fingerprint"]
     assert manifest["dims"]["semantic"] == [4, 384] and manifest["dims"]["geometric"] == [4, 768]
     keys = set()
@@ -191,7 +194,7 @@ def test_dry_run_writes_nothing(inputs, tmp_path, capsys):
     out = tmp_path / "cache"
     assert main(["cache-teachers", "--dry-run", *overrides_for(inputs, out)]) == 0
     text = capsys.readouterr().out
-    assert "18 clips (train 12, val 6) in 9 shards" in text and "estimated" in text
+    assert "18 clips (train 6, val 6, test 6) in 9 shards" in text and "estimated" in text
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -237,3 +240,51 @@ def test_wrong_architecture_weights(inputs, tmp_path, capsys):
     )
     assert code != 0 and str(weights) in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_multistep_under_cache_noise_reproduces_the_cached_targets(inputs, reference):
+    """The report's exact check: `svam eval`'s multistep:N foresight under the cache's per-clip
+    noise keys is the cached N-step targets (up to their float16 rounding); under fresh noise it
+    is not (the teacher's sampling spread)."""
+    from policy.modeling_policy import FrozenParts
+    from svam.data.teacher_cache import CURRENT, TeacherCache, teacher_cache_loader
+    from svam.eval.measure import noise_generators
+    from svam.flops import build_step_policy
+    from teachers.encoders import build_encoders
+    from teachers.pipeline_teacher import TeacherPipeline
+
+    config = load_config("tiny", overrides_for(inputs, reference))
+    cache = TeacherCache.open(reference)
+    semantic, geometric = build_encoders(config.encoders)
+    assert geometric.fingerprint == cache.manifest["geometric_fingerprint"]
+    policy = build_step_policy(config, "multistep:3", device="cpu")
+    policy.frozen = FrozenParts(
+        TeacherPipeline.from_pretrained(config.cache.teacher), semantic.eval(), geometric.eval()
+    )
+    arrays = [CURRENT, "semantic", "geometric"]
+    batches = list(teacher_cache_loader(cache, "test", batch_size=3, arrays=arrays, shuffle=False))
+    assert sum(len(b["key"]) for b in batches) == 6
+    errors = {}
+    for noise in ("cache_noise", "fresh_noise"):
+        worst = 0.0
+        for batch in batches:
+            generators = noise_generators(config.run.seed, list(batch["key"]), noise)
+            with torch.no_grad():
+                streams = policy.streams(batch[CURRENT], list(batch["instruction"]), generators)
+            for branch in ("semantic", "geometric"):
+                target = batch[branch].float()
+                scale = target.abs().amax()
+                worst = max(worst, float((streams[branch] - target).abs().amax() / scale))
+        errors[noise] = worst
+    assert errors["cache_noise"] < 5e-3  # float16 keeps 11 significant bits
+    assert errors["fresh_noise"] > 10 * errors["cache_noise"]
+
+
+def test_shards_inspect_shows_the_splits(reference, capsys):
+    assert main(["shards", "inspect", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "splits: train 6 clips / 2 episodes, val 6 clips / 2 episodes, test 6 clips / 2 episodes"
+        in out
+    )
+    assert "data.test_fraction=0.34" in out

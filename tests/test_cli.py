@@ -72,17 +72,20 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert ran[:-1] == stages and ran[-1].startswith("done in")
     report = tmp_path / "micro" / "eval" / "report.json"
     assert f"report: {report.with_name('report.md')}" in out
-    modes = json.loads(report.read_text())["modes"]
-    assert list(modes) == ["onestep", "shortcut", "multistep:2", "partial:0.5"]
+    written = json.loads(report.read_text())
+    modes = written["modes"]
+    assert list(modes) == ["onestep", "shortcut", "multistep:2", "partial:0.5", "blind"]
     assert all(result["status"] == "ok" for result in modes.values())
+    assert written["settings"]["split"] == "test" and written["sampling_floor"] is not None
     policies = (tmp_path / "micro" / "policy").iterdir()
     assert sorted(p.name for p in policies if not p.name.endswith("-train")) == [
+        "blind",
         "multistep",
         "onestep",
         "shortcut",
     ]
     headline = out[out.rindex("| mode |") :].splitlines()
-    assert len(headline) == 2 + len(modes)  # the table ends the output
+    assert len(headline) == 3 + len(modes)  # the table (and its sampling floor) ends the output
     episodes = tmp_path / "micro" / "episodes" / "shard-00000.tar"
     before = episodes.stat().st_mtime_ns, report.stat().st_mtime_ns
     assert main(args) == 0

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -30,11 +31,14 @@ def test_collection_reads_back_with_the_right_shapes(collected):
     assert (out.parent / "configs" / "collect.yaml").is_file()
 
 
-def test_collected_clips_split_by_episode(collected):
-    config, out = collected
-    train = {c["key"].split("/")[0] for c in EpisodeClips(out, config.data, "train")}
-    val = {c["key"].split("/")[0] for c in EpisodeClips(out, config.data, "val")}
-    assert train and val and not train & val
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_collected_clips_split_by_episode(collected, held_out):
+    config, out = collected  # 2 episodes per task: one train, one held out
+    fractions = {"val_fraction": 0.0, "test_fraction": 0.0, f"{held_out}_fraction": 0.25}
+    data = dataclasses.replace(config.data, **fractions)
+    train = {c["key"].split("/")[0] for c in EpisodeClips(out, data, "train")}
+    other = {c["key"].split("/")[0] for c in EpisodeClips(out, data, held_out)}
+    assert train and other and not train & other
 
 
 def test_same_config_same_bytes_whatever_the_workers(collected, tmp_path):

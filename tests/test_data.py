@@ -8,7 +8,14 @@ from conftest import synthetic_episode, write_synthetic_episodes
 from torch.utils.data import DataLoader
 
 from svam.config import DataConfig
-from svam.data.episodes import EpisodeClips, clip_loader, clip_starts, split_episodes
+from svam.data.episodes import (
+    SPLITS,
+    EpisodeClips,
+    clip_loader,
+    clip_starts,
+    split_counts,
+    split_episodes,
+)
 from svam.data.schema import EPISODES, SchemaError
 from svam.data.shards import MANIFEST_NAME, ShardSet, ShardSetWriter
 
@@ -18,6 +25,7 @@ DATA = DataConfig(
     action_horizon=5,
     window_step=3,
     val_fraction=0.25,
+    test_fraction=0.25,
     shuffle_buffer=16,
     num_workers=0,
     batch_size=4,
@@ -137,6 +145,28 @@ def test_split_is_by_episode_and_stratified():
     ) == {"train": 1, "val": 1}
 
 
+def test_three_splits_highest_seeds_to_test_then_val():
+    episodes = {f"{t}-{s}": {"task": t, "seed": s} for t in ("a", "b") for s in range(8)}
+    split = split_episodes(dict(reversed(episodes.items())), 0.25, 0.25)
+    assert split == split_episodes(episodes, 0.25, 0.25)  # deterministic, whatever the order
+    by_split = {name: sorted(k for k, v in split.items() if v == name) for name in SPLITS}
+    assert by_split["test"] == ["a-6", "a-7", "b-6", "b-7"]
+    assert by_split["val"] == ["a-4", "a-5", "b-4", "b-5"]
+    assert split_counts(split) == {"train": 8, "val": 4, "test": 4}
+    # too few episodes: one train episode stays, test is served before val
+    three = {f"a-{s}": {"task": "a", "seed": s} for s in range(3)}
+    assert Counter(split_episodes(three, 0.2, 0.2).values()) == {"train": 1, "val": 1, "test": 1}
+    two = {f"a-{s}": {"task": "a", "seed": s} for s in range(2)}
+    assert Counter(split_episodes(two, 0.2, 0.2).values()) == {"train": 1, "test": 1}
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (-0.1, 0.2), (0.2, -0.1)])
+def test_bad_split_fractions_are_refused(fractions):
+    episodes = {"a-0": {"task": "a", "seed": 0}}
+    with pytest.raises(ValueError, match="data.val_fraction=.* and data.test_fraction=.*"):
+        split_episodes(episodes, *fractions)
+
+
 def test_clips_have_schema_shapes_and_trace_back(synthetic_episodes):
     clips = list(EpisodeClips(synthetic_episodes, DATA, "train", shuffle=False))
     first = clips[0]
@@ -154,18 +184,19 @@ def test_clips_have_schema_shapes_and_trace_back(synthetic_episodes):
     assert (
         len(clips)
         == len(EpisodeClips(synthetic_episodes, DATA, "train"))
-        == 6 * len(clip_starts(20, DATA))
+        == 4 * len(clip_starts(20, DATA))  # seeds 0 and 1 of both tasks
     )
 
 
-def test_train_and_val_never_share_an_episode(synthetic_episodes):
+def test_splits_never_share_an_episode(synthetic_episodes):
     def episodes_of(split):
         return {clip["key"].split("/")[0] for clip in EpisodeClips(synthetic_episodes, DATA, split)}
 
-    train, val = episodes_of("train"), episodes_of("val")
-    assert (
-        not train & val and len(train | val) == 8 and val == {"reach-v3-000003", "push-v3-000003"}
-    )
+    train, val, test = (episodes_of(split) for split in SPLITS)
+    assert not train & val and not train & test and not val & test
+    assert len(train | val | test) == 8
+    assert val == {"reach-v3-000002", "push-v3-000002"}
+    assert test == {"reach-v3-000003", "push-v3-000003"}
 
 
 def test_shuffle_is_seeded(synthetic_episodes):

@@ -19,10 +19,10 @@ from distill import (
     decoupler_flops,
     decoupler_parameters,
     example_inputs,
-    flop_counter,
     full_scale_decouplers,
     published_decouplers,
 )
+from svam.flops import flop_counter
 
 ONE_STEP_GFLOPS = 2749
 """SVD's one-step pass up to up-block 1 at 256 px, 16 frames (DESIGN.md)."""

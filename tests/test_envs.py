@@ -189,3 +189,45 @@ def test_rendering_then_loading_the_models_shares_one_process():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-500:]
+
+
+def _episode(env: MetaWorldEnv) -> list[np.ndarray]:
+    """Reset observation, then RGB, depth and observation, reward and success of 4 fixed actions."""
+    actions = np.array([[0.5, 0.2, -0.3, 0.1], [-1.0, 0.4, 0.8, -1.0], [0.0, -0.7, -0.2, 1.0]] * 2)
+    out = [env.reset()]
+    for action in actions[:4]:
+        out += [*env.render(), *env.step(action)]
+    return [np.asarray(x) for x in [*out, *env.render()]]
+
+
+@pytest.mark.parametrize("task", ["reach-v3", "button-press-topdown-v3"])
+def test_reseeded_env_is_a_fresh_env_at_that_seed(task):
+    """Observations, frames, depth and rewards after `reseed(s)`, even following an episode at
+    another seed, are byte for byte those of `MetaWorldEnv(task, s)`."""
+    with MetaWorldEnv(task, seed=4, image_size=24) as fresh:
+        want = _episode(fresh)
+    with MetaWorldEnv(task, seed=9, image_size=24) as reused:
+        other = _episode(reused)
+        reused.reseed(4)
+        assert reused.seed == 4
+        got = _episode(reused)
+        reused.reseed(9)
+        again = _episode(reused)
+    assert not np.array_equal(other[0], want[0])  # another variation
+    for a, b in [*zip(want, got, strict=True), *zip(other, again, strict=True)]:
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_envs_of_a_task_share_one_renderer_and_keep_it_for_the_next():
+    with (
+        MetaWorldEnv("reach-v3", 0, image_size=20) as a,
+        MetaWorldEnv("reach-v3", 1, "corner2", 20) as b,
+    ):
+        a.reset(), b.reset()
+        a.render(), b.render()
+        renderer = a._renderer
+        assert b._renderer is renderer
+    with MetaWorldEnv("reach-v3", 2, image_size=20) as c:
+        c.reset()
+        c.render()
+        assert c._renderer is renderer  # kept while unused

@@ -4,6 +4,7 @@ synthetic teacher cache of their shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -16,8 +17,9 @@ from safetensors.torch import load_file
 
 from distill.configuration_decoupler import DecouplerConfig
 from distill.modeling_decoupler import Decoupler
+from policy.configuration_policy import ForesightMode, parse_mode
 from policy.configuration_train import mode_dirname
-from policy.modeling_policy import PolicyLoadError, ShortcutPolicy
+from policy.modeling_policy import BRANCHES, PolicyLoadError, ShortcutPolicy
 from policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.config import load_config
 from svam.data.teacher_cache import write_teacher_cache
@@ -92,6 +94,7 @@ def world(tmp_path_factory):
             arrays = {
                 "onestep": rng.normal(size=(FRAMES, channels, side, side)).astype(np.float16),
                 "frames": rng.integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8),
+                "depth": rng.uniform(0.5, 2.0, (FRAMES, SIZE, SIZE)).astype(np.float16),
                 "actions": chunk_of(task) + 0.01 * rng.normal(size=(4, 4)).astype(np.float32),
                 "state": rng.normal(size=(FRAMES, 4)).astype(np.float32),
             }
@@ -103,7 +106,7 @@ def world(tmp_path_factory):
                 "instruction": f"do {task}",
                 "episode": f"{task}-{index:06d}",
                 "start": 0,
-                "split": "train" if index < 16 else "val",
+                "split": "train" if index < 12 else "val" if index < 16 else "test",
             }
             yield f"{task}-{index:06d}-0000", arrays, meta
 
@@ -151,7 +154,7 @@ def trained(world):
     """One 4-step policy per kind (the multistep one on the cache's N=3 foresight)."""
     root, cache = world
     out = {}
-    for mode in ("shortcut", "onestep", "multistep"):
+    for mode in ("shortcut", "onestep", "multistep", "blind"):
         config = load_config(
             "micro",
             overrides(root, cache, mode, "train_policy.steps=4", "train_policy.checkpoint_every=2"),
@@ -171,7 +174,7 @@ def test_shapes_per_mode_and_save_load_identical(trained, tmp_path):
         policy = ShortcutPolicy.from_pretrained(path)
         assert policy.mode == mode
         streams = policy.streams(frames, ["do reach-v3"] * 2)
-        expected = ("onestep",) if mode == "onestep" else ("onestep", "semantic", "geometric")
+        expected = {"onestep": ("onestep",), "blind": ()}.get(mode, ("onestep", *BRANCHES))
         assert tuple(streams) == expected
         for tokens in streams.values():
             assert tokens.shape[:2] == (2, FRAMES)
@@ -213,12 +216,13 @@ def test_fingerprint_mismatch_refused(world, trained, tmp_path):
         ShortcutPolicy.from_pretrained(tmp_path / "policy")
 
 
-def test_train_lowers_loss_and_resumes_exactly(world, tmp_path):
+@pytest.mark.parametrize("mode", ["onestep", "blind"])
+def test_train_lowers_loss_and_resumes_exactly(world, tmp_path, mode):
     root, cache = world
     args = overrides(
         root,
         cache,
-        "onestep",
+        mode,
         "train_policy.steps=60",
         "train_policy.checkpoint_every=30",
         "train_policy.log_every=5",
@@ -288,8 +292,142 @@ def test_multistep_policy_runs_every_generating_mode(world, trained, tmp_path):
         train_policy(load_config("micro", overrides(root, cache, "multistep:3", runs=tmp_path)))
 
 
+def count_module_calls(teacher: VideoTeacher) -> tuple[dict[str, int], list]:
+    """Forward calls into the teacher's UNet, VAE and text encoder (any of their submodules: the
+    one-step pass calls the UNet's blocks, not its forward), and the hooks to remove."""
+    calls = {"unet": 0, "vae": 0, "text_encoder": 0}
+    hooks = []
+    for name in calls:
+
+        def hook(*_, _name=name):
+            calls[_name] += 1
+
+        hooks += [m.register_forward_pre_hook(hook) for m in getattr(teacher, name).modules()]
+    return calls, hooks
+
+
+def test_blind_policy_sees_state_and_instruction_only(world, trained):
+    """The blind baseline: no aggregator, no teacher pass, no encoders, no decouplers; its chunk
+    depends on the instruction and the state, never on the frames; it acts in its own mode only."""
+    assert parse_mode("blind") == ForesightMode("blind", "blind")
+    assert parse_mode("blind").policy_kind == "blind" and parse_mode("blind").streams == ()
+    assert not parse_mode("blind").generates
+    with pytest.raises(ValueError, match=r"'blind:2' is not one of .*, blind$") as error:
+        parse_mode("blind:2")
+    assert "\n" not in str(error.value)
+
+    path = trained["blind"]
+    record = json.loads((path / "train_policy.json").read_text())
+    assert record["mode"] == "blind" and record["onestep"] is None
+    assert not [k for k in load_file(path / "model.safetensors") if k.startswith("aggregator.")]
+    policy = ShortcutPolicy.from_pretrained(path)
+    config = policy.config
+    assert config.models.aggregator.streams == [] and config.models.action_head.cond_tokens == 0
+    assert not config.needs_encoders and not config.needs_decouplers
+    assert policy.net.aggregator is None
+    frozen = policy.frozen
+    assert frozen.semantic is None and frozen.geometric is None and frozen.decouplers == {}
+
+    parts: list[str] = []
+    policy.observers.append(lambda name: parts.append(name) or contextlib.nullcontext())
+    calls, hooks = count_module_calls(frozen.pipeline.teacher)
+    frames, state = frames_state()
+    try:
+
+        def chunk(frames=frames, instruction="do reach-v3", state=state):
+            generator = torch.Generator().manual_seed(3)
+            return policy.predict(frames, instruction, state, generator=generator)
+
+        a = chunk()
+        assert a.shape == (2, 4, 4) and torch.isfinite(a).all()
+        assert calls == {"unet": 0, "vae": 0, "text_encoder": calls["text_encoder"]}
+        assert calls["text_encoder"] > 0  # the instruction, through the teacher's CLIP encoder
+        assert parts == ["text", "aggregator", "head"]
+        assert torch.equal(a, chunk(frames=torch.zeros_like(frames)))  # blind to the frames
+        assert not torch.equal(a, chunk(instruction="do button-press-topdown-v3"))
+        assert not torch.equal(a, chunk(state=state + 1))
+        assert calls["unet"] == calls["vae"] == 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # the counter does see a teacher pass: the onestep policy's
+    onestep = ShortcutPolicy.from_pretrained(trained["onestep"])
+    calls, hooks = count_module_calls(onestep.frozen.pipeline.teacher)
+    try:
+        onestep.predict(frames, "do reach-v3", state, generator=torch.Generator())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["unet"] > 0
+
+    with pytest.raises(ValueError, match="a blind policy reads no streams, got \\(onestep\\)"):
+        policy.act({"onestep": torch.zeros(2, FRAMES, 4, 8)}, ["do reach-v3"] * 2, state)
+    with pytest.raises(
+        PolicyLoadError, match="a blind policy cannot act in mode 'shortcut'"
+    ) as error:
+        ShortcutPolicy.from_pretrained(path, mode="shortcut")
+    assert "\n" not in str(error.value)
+    with pytest.raises(PolicyLoadError, match="a onestep policy cannot .* needs a blind policy"):
+        ShortcutPolicy.from_pretrained(trained["onestep"], mode="blind")
+    with pytest.raises(
+        ValueError, match="mode 'multistep:2' runs a multistep policy, not this blind"
+    ):
+        ShortcutPolicy(policy.config, policy.net, frozen, mode="multistep:2")
+
+
+def test_blind_training_reads_no_vision_and_keys_no_onestep_settings(world, trained, monkeypatch):
+    """Training a blind policy reads actions, state and instructions from the cache, never
+    features or frames; it loads no decouplers or encoders and runs no teacher pass, even with
+    on-the-fly one-step features; its key ignores one-step and aggregator settings."""
+    import policy.train as train_module
+    import teachers.encoders
+    from distill.modeling_decoupler import Decoupler
+
+    root, cache = world
+    blind = overrides(
+        root, cache, "blind", "train_policy.steps=4", "train_policy.checkpoint_every=2"
+    )
+    assert is_policy_trained(load_config("micro", blind))
+    for unused in ("train_policy.onestep=on-the-fly", "policy.aggregator.depth=3"):
+        assert is_policy_trained(load_config("micro", [*blind, unused])), unused
+    assert not is_policy_trained(load_config("micro", [*blind, "policy.action_head.depth=2"]))
+    onestep = overrides(
+        root, cache, "onestep", "train_policy.steps=4", "train_policy.checkpoint_every=2"
+    )
+    assert is_policy_trained(load_config("micro", onestep))
+    assert not is_policy_trained(
+        load_config("micro", [*onestep, "train_policy.onestep=on-the-fly"])
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a blind policy must not run or load this")
+
+    monkeypatch.setattr(TeacherPipeline, "features", refuse)
+    monkeypatch.setattr(TeacherPipeline, "__call__", refuse)
+    monkeypatch.setattr(Decoupler, "from_pretrained", refuse)
+    monkeypatch.setattr(teachers.encoders, "build_encoders", refuse)
+    read: list[str] = []
+    loader = train_module.teacher_cache_loader
+
+    def spy(*args, arrays, **kwargs):
+        read.extend(arrays)
+        return loader(*args, arrays=arrays, **kwargs)
+
+    monkeypatch.setattr(train_module, "teacher_cache_loader", spy)
+    args = [
+        *blind,
+        "train_policy.onestep=on-the-fly",
+        "train_policy.steps=2",
+        "train_policy.resume=null",
+    ]
+    config = load_config("micro", [*args, f"train_policy.output_dir={root / 'blind-fly'}"])
+    out = train_policy(config)
+    assert set(read) == {"actions", "state"}
+    assert ShortcutPolicy.from_pretrained(out).mode == "blind"
+
+
 def test_flops_of_a_mode_are_the_sum_of_its_parts(trained):
-    from svam.eval.measure import flops
+    from svam.flops import control_step_flops as flops
 
     frames, state = frames_state(1)
     observation = {"frames": frames, "instruction": "do reach-v3", "state": state}
@@ -315,6 +453,9 @@ def test_flops_of_a_mode_are_the_sum_of_its_parts(trained):
     assert unet > 0 and parts["partial:0.5"]["teacher"] == parts["multistep:2"]["teacher"]
     # the one-step pass stops after its up-blocks and decodes nothing
     assert parts["onestep"]["teacher"] < parts["multistep:1"]["teacher"]
+    # blind: the head is all there is (the instruction's embedding is cached)
+    blind = flops(ShortcutPolicy.from_pretrained(trained["blind"]), observation)
+    assert sum(blind["parts"].values()) == blind["total"] == blind["parts"]["head"] > 0
 
 
 def eval_overrides(root: Path, runs: Path, *extra: str) -> list[str]:
@@ -334,19 +475,42 @@ def eval_overrides(root: Path, runs: Path, *extra: str) -> list[str]:
     ]
 
 
+def write_baselines(path: Path, trained: dict) -> None:
+    """What `svam distill` leaves for the report: each branch's train-split token statistics and
+    the world depth probe (tokens -> log depth of 4x4 sub-patches)."""
+    policy = ShortcutPolicy.from_pretrained(trained["shortcut"])
+    dims = {
+        "semantic": policy.frozen.semantic.out_dim,
+        "geometric": policy.frozen.geometric.out_dim,
+    }
+    generator = torch.Generator().manual_seed(0)
+    saved: dict = {
+        "depth_note": "no depth against the teacher: the cache holds no generated frames"
+    }
+    for branch, dim in dims.items():
+        saved[f"{branch}.mean"] = torch.zeros(dim)
+        saved[f"{branch}.std"] = torch.ones(dim)
+    saved["world_depth.weight"] = 0.01 * torch.randn(dims["geometric"], 16, generator=generator)
+    saved["world_depth.bias"] = torch.zeros(16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, path)
+
+
 def test_eval_reports_every_mode_and_reuses_what_did_not_change(trained, world, tmp_path):
     from svam.eval.evaluate import evaluate, is_evaluated
 
     root, _ = world
-    for kind in ("shortcut", "multistep"):  # no onestep policy: reported as missing
+    for kind in ("shortcut", "multistep", "blind"):  # no onestep policy: reported as missing
         shutil.copytree(trained[kind], tmp_path / "run" / "policy" / kind)
-    modes = "eval.modes=[onestep,shortcut,multistep:2,partial:0.5]"
+    write_baselines(tmp_path / "run" / "decouplers-train" / "baselines.pt", trained)
+    modes = "eval.modes=[onestep,shortcut,multistep:2,partial:0.5,blind]"
     config = load_config("micro", eval_overrides(root, tmp_path, modes))
     assert not is_evaluated(config)
     path = evaluate(config)
     out = path.parent
     report = json.loads((out / "report.json").read_text())
-    assert list(report["modes"]) == ["onestep", "shortcut", "multistep:2", "partial:0.5"]
+    assert list(report["modes"]) == ["onestep", "shortcut", "multistep:2", "partial:0.5", "blind"]
+    assert report["settings"]["split"] == "test"
     missing = report["modes"]["onestep"]
     assert missing["status"] == "missing" and "train_policy.mode=onestep" in missing["reason"]
     text = path.read_text()
@@ -359,13 +523,28 @@ def test_eval_reports_every_mode_and_reuses_what_did_not_change(trained, world, 
         assert result["latency_ms"]["count"] == 2 and result["latency_ms"]["median"] > 0
         assert sum(result["flops"]["parts"].values()) == result["flops"]["total"]
         assert 0 < result["peak_fraction"]
-        assert -1 <= result["foresight"]["semantic_cosine"] <= 1
+        published = result["flops_published"]
+        assert published["total"] > 1000 * result["flops"]["total"]
+        foresight = result["foresight"]
+        assert foresight["clips"] == 4
+        for noise in ("cache_noise", "fresh_noise"):
+            block = foresight[noise]
+            for branch in ("semantic", "geometric"):
+                assert -1 <= block[branch]["centred_cosine"] <= 1
+                assert len(block[branch]["per_frame"]["skill"]) == 4
+                assert block[branch]["skill"] < 1  # random decouplers and policies
+            assert block["depth_world"]["abs_rel"] > 0 and block["depth_teacher"] is None
         assert result["action"]["clips"] == 4 and result["action"]["mse"] > 0
         success = result["success"]
         assert success["episodes"] == 2 and 0 <= success["rate"] <= 1
         assert success["tasks"]["reach-v3"]["episodes"] == 2
         assert len(success["ci95"]) == 2 and success["ci95"][0] <= success["rate"]
         assert (out / result["videos"][0]).is_file()
+    blind = report["modes"]["blind"]
+    assert blind["kind"] == "blind" and blind["foresight"] is None and blind["action"]["mse"] > 0
+    assert blind["success"]["episodes"] == 2
+    floor = report["sampling_floor"]  # the multistep policy's teacher under fresh noise
+    assert floor is not None and floor["semantic"]["skill"] < 1
     seeds = report["settings"]["seeds"]
     assert seeds[0] >= config.collect.seed_start + config.collect.episodes_per_task
     for png in ("latency_fidelity.png", "success_per_task.png"):
@@ -379,7 +558,8 @@ def test_eval_reports_every_mode_and_reuses_what_did_not_change(trained, world, 
     assert not is_evaluated(more)
     evaluate(more)
     changed = {p.relative_to(out).as_posix() for p in stamps if p.stat().st_mtime_ns != stamps[p]}
-    assert changed == {f"{m}/rollouts.json" for m in ("shortcut", "multistep-2", "partial-0.5")}
+    modes_run = ("shortcut", "multistep-2", "partial-0.5", "blind")
+    assert changed == {f"{m}/rollouts.json" for m in modes_run}
     report = json.loads((out / "report.json").read_text())
     assert report["modes"]["shortcut"]["success"]["episodes"] == 3
 
@@ -407,3 +587,28 @@ def test_parallel_episodes_match_sequential_ones(trained):
         )
         runs.append([(o.episode.seed, o.success, o.steps) for o in outcomes])
     assert runs[0] == runs[1] and [seed for seed, _, _ in runs[0]] == [6, 7]
+
+
+def test_eval_refuses_a_cache_without_test_clips(world, trained, tmp_path, capsys):
+    """A cache made before the test split existed: one line saying how to rebuild it, before any
+    episode runs."""
+    from svam.cli import main
+
+    root, cache = world
+    old = tmp_path / "old-cache"
+    shutil.copytree(cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for shard in [s for s in manifest["shards"] if s["name"].startswith("test-")]:
+        (old / shard["name"]).unlink()
+        manifest["shards"].remove(shard)
+        manifest["num_samples"] -= shard["samples"]
+    manifest["counts"].pop("test", None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    policy = tmp_path / "run" / "policy" / "shortcut"
+    shutil.copytree(trained["shortcut"], policy)
+    record = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**record, "cache": str(old)}))
+    assert main(["eval", *eval_overrides(root, tmp_path, "eval.modes=[shortcut]")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds no test clips" in err and "svam cache-teachers" in err and "\n" not in err
+    assert not (tmp_path / "run" / "eval" / "shortcut" / "rollouts.json").exists()

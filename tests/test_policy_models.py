@@ -12,7 +12,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill import flop_counter
 from policy import (
     ActionCondition,
     ActionHeadConfig,
@@ -34,6 +33,7 @@ from policy import (
     foresight_streams,
     published_policy_models,
 )
+from svam.flops import flop_counter
 
 ONE_STEP_GFLOPS = 2749
 """SVD's one-step pass up to up-block 1 at 256 px, 16 frames (DESIGN.md)."""
@@ -157,6 +157,44 @@ def test_every_stream_and_frame_reaches_the_output():
             changed[:, 2] += 1  # last frame only
             out = model({**streams, name: changed})
             assert not torch.allclose(out, base), name
+
+
+def test_blind_mode_has_no_aggregator_and_a_text_and_state_head():
+    """`blind` reads no streams: its aggregator config is empty (no Uni-Perceiver is built from
+    it), the section then wants cond_tokens=0, and the head, given an empty token tensor, is
+    conditioned on the instruction and the state alone."""
+    assert foresight_streams("blind") == ()
+    config = tiny_aggregator().for_mode("blind")
+    assert config.streams == [] and config.num_tokens == 0
+    with pytest.raises(ValueError, match="streams is empty"):
+        UniPerceiver(config)
+    section = PolicyModelsConfig(aggregator=config, action_head=tiny_head())
+    with pytest.raises(
+        ValueError, match=r"^action_head.cond_tokens=6 but the aggregator gives 0 \(no streams"
+    ):
+        section.validate()
+    section.action_head.cond_tokens = 0
+    section.validate()
+    head = seeded(DiffusionActionHead, section.action_head)
+    torch.nn.init.normal_(head.output.weight)  # zero at init: every output would be 0
+    cond = example_condition(section.action_head, batch=2)
+    assert cond.tokens.shape == (2, 0, 16)
+    noisy, timesteps = torch.randn(2, 4, 3), torch.tensor([5, 9])
+    with torch.no_grad():
+        out = head(noisy, timesteps, cond)
+        assert out.shape == (2, 4, 3) and torch.isfinite(out).all()
+        for changed in ({"text": cond.text + 1}, {"state": cond.state + 1}):
+            other = head(noisy, timesteps, dataclasses.replace(cond, **changed))
+            assert not torch.allclose(out, other), changed
+        assert head.sample(cond, torch.Generator().manual_seed(0)).shape == (2, 4, 3)
+    head.train()
+    loss = head.loss(torch.rand(2, 4, 3) * 2 - 1, cond, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and head.text_proj.weight.grad.abs().sum() > 0
+    with_tokens = action_head_flops(tiny_head())
+    without = action_head_flops(section.action_head)
+    # fewer context tokens: a cheaper context and fewer keys per step
+    assert 0 < without.condition < with_tokens.condition and 0 < without.step < with_tokens.step
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from svam.config import load_config
+from svam.flops import flop_counter
 from teachers.configuration_teacher import TeacherConfig
 from teachers.modeling_teacher import (
     TeacherLoadError,
@@ -122,12 +122,12 @@ def test_partial_pass_stops_after_last_block_and_is_cheaper(teacher, images):
     recorder = Recorder(
         {"up2": unet.up_blocks[2], "conv_out": unet.conv_out, "up1": unet.up_blocks[1]}
     )
-    with FlopCounterMode(display=False) as partial_flops:
+    with flop_counter() as partial_flops:
         features = pipe.features(images, INSTRUCTIONS, generator=gen())
     recorder.close()
     assert recorder.calls("up1") == 1
     assert recorder.calls("up2") == 0 and recorder.calls("conv_out") == 0
-    with FlopCounterMode(display=False) as step_flops:
+    with flop_counter() as step_flops:
         pipe(
             images, INSTRUCTIONS, generator=gen(), stop_step=1, decode=False, return_features=False
         )
@@ -379,9 +379,9 @@ def test_full_scale_config_builds_on_meta_with_published_shapes():
             torch.empty(1, config.max_text_length, config.cross_attention_dim, device="meta"),
             torch.empty(1, 3, device="meta"),
         )
-        with FlopCounterMode(display=False) as partial_flops:
+        with flop_counter() as partial_flops:
             _, captured = unet_forward(unet, *inputs, capture=[0, 1], stop_after_capture=True)
-        with FlopCounterMode(display=False) as full_flops:
+        with flop_counter() as full_flops:
             output, _ = unet_forward(unet, *inputs)
     features = merge_up_block_features(captured, config.feature_upsample)
     assert features.shape == (1, 16, 2560, 16, 16)

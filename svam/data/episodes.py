@@ -1,8 +1,9 @@
 """Training clips streamed from episode shards.
 
 A clip is `clip_frames` frames `frame_stride` steps apart, starting at a current frame `t0`, with
-the `action_horizon` expert actions from `t0` on. Episodes, never clips, are split into train and
-validation, so no validation frame is ever seen in training.
+the `action_horizon` expert actions from `t0` on. Episodes, never clips, are split three ways:
+train (fitting), val (checkpoint and model selection only) and test (every reported number), so
+no frame of a held-out episode is ever seen in training and nothing is selected on test.
 """
 
 from __future__ import annotations
@@ -21,27 +22,42 @@ from svam.data.schema import EPISODES, SchemaError
 from svam.data.shards import ShardSet
 from svam.data.streaming import ShardStream
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
-def split_episodes(episodes: dict[str, dict[str, Any]], val_fraction: float) -> dict[str, str]:
-    """Map each episode key to 'train' or 'val': per task, the highest seeds go to validation.
+def split_episodes(
+    episodes: dict[str, dict[str, Any]], val_fraction: float, test_fraction: float = 0.0
+) -> dict[str, str]:
+    """Map each episode key to 'train', 'val' or 'test': per task, ordered by seed, the highest
+    seeds go to test and the next highest to val.
 
-    Deterministic and stratified by task; a task with two or more episodes keeps at least one of
-    each when 0 < val_fraction < 1.
+    Deterministic and stratified by task. A task keeps at least one train episode, and at least
+    one episode of each held-out split whose fraction is positive when it has enough episodes.
     """
+    if min(val_fraction, test_fraction) < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be at "
+            "least 0 and sum to less than 1"
+        )
     by_task: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for key, info in episodes.items():
         by_task[info["task"]].append((info["seed"], key))
     split = {}
     for members in by_task.values():
-        members.sort()
-        n_val = round(len(members) * val_fraction)
-        if 0 < val_fraction < 1 and len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        for index, (_, key) in enumerate(members):
-            split[key] = "val" if index >= len(members) - n_val else "train"
+        members.sort(reverse=True)  # highest seeds first
+        order = []
+        for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+            count = max(round(len(members) * fraction), 1 if fraction > 0 else 0)
+            room = len(members) - 1 - len(order)  # one train episode stays
+            order += [name] * max(min(count, room), 0)
+        order += ["train"] * (len(members) - len(order))
+        split.update({key: name for (_, key), name in zip(members, order, strict=True)})
     return split
+
+
+def split_counts(split_of: dict[str, str]) -> dict[str, int]:
+    """Episodes per split, in SPLITS order."""
+    return {name: sum(1 for s in split_of.values() if s == name) for name in SPLITS}
 
 
 def clip_starts(length: int, data: DataConfig) -> range:
@@ -94,7 +110,7 @@ class EpisodeClips(ShardStream):
         self.data = data
         self.split = split
         manifest = self.shard_set.manifest
-        split_of = split_episodes(manifest["episodes"], data.val_fraction)
+        split_of = split_episodes(manifest["episodes"], data.val_fraction, data.test_fraction)
         self.episodes = [
             (shard["name"], key)
             for shard in manifest["shards"]
@@ -104,7 +120,7 @@ class EpisodeClips(ShardStream):
         if not self.episodes:
             raise SchemaError(
                 f"{self.shard_set.root}: no {split} episodes (data.val_fraction={data.val_fraction}, "
-                f"{len(split_of)} episodes in all)"
+                f"data.test_fraction={data.test_fraction}, {len(split_of)} episodes in all)"
             )
         super().__init__(
             self.shard_set.root,

@@ -126,7 +126,7 @@ EPISODES = ShardSchema(
 
 TEACHER_CACHE = ShardSchema(
     kind="teacher-cache",
-    version=1,
+    version=2,
     arrays={
         "semantic": ArraySpec(
             "float16",
@@ -151,6 +151,9 @@ TEACHER_CACHE = ShardSchema(
         "frames": ArraySpec(
             "uint8", ("T", "H", "W", 3), "the real clip; frame 0 is the current one"
         ),
+        "depth": ArraySpec(
+            "float16", ("T", "H", "W"), "the simulator's depth of the real clip, metres"
+        ),
         "actions": ArraySpec("float32", ("K", "A"), "expert actions from the current frame on"),
         "state": ArraySpec("float32", ("T", "S"), "proprioception at the clip's frames"),
     },
@@ -158,6 +161,8 @@ TEACHER_CACHE = ShardSchema(
 )
 
 SCHEMAS = {schema.kind: schema for schema in (EPISODES, TEACHER_CACHE)}
+REBUILD = {EPISODES.kind: "svam collect", TEACHER_CACHE.kind: "svam cache-teachers"}
+"""The stage that writes each kind of shard set, named when an old one must be rebuilt."""
 
 
 def schema_for(kind: str, version: int, source: str) -> ShardSchema:
@@ -168,6 +173,6 @@ def schema_for(kind: str, version: int, source: str) -> ShardSchema:
     if version != schema.version:
         raise SchemaError(
             f"{source}: {kind} schema version {version} is not supported by this svam "
-            f"(it reads version {schema.version})"
+            f"(it reads version {schema.version}): rebuild it with `{REBUILD[kind]}`"
         )
     return schema

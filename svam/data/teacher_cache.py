@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from svam.data.episodes import SPLITS
 from svam.data.schema import TEACHER_CACHE, SchemaError
 from svam.data.shards import (
     MANIFEST_NAME,
@@ -33,7 +34,6 @@ from svam.data.shards import (
 )
 from svam.data.streaming import ShardStream, evenly_spaced
 
-SPLITS = ("train", "val")
 CURRENT = "current"
 CACHED, ON_THE_FLY = "cached", "on-the-fly"
 """Item name of the real current frame (3, H, W) uint8, i.e. `frames[0]`, without the rest."""

@@ -26,6 +26,7 @@ import atexit
 import difflib
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -152,6 +153,9 @@ def _roll_upside_down_cameras(model: mujoco.MjModel, data: mujoco.MjData) -> Non
 
 _thread_local = threading.local()
 
+_IDLE_RENDERERS = 4
+"""Renderers no env uses that a thread keeps for the next env of their task (~40 MB each)."""
+
 
 def _gl_context_class() -> type:
     """The GL context class that MUJOCO_GL names.
@@ -181,20 +185,27 @@ def _gl_context():
     return context
 
 
+def _prepare_for_rendering(model: mujoco.MjModel, size: int) -> None:
+    """What `_RgbdRenderer` needs of a model: on a software renderer, multisampling, shadows and
+    reflections are what cost, so they are switched off; the offscreen buffer is `size` square."""
+    model.vis.quality.offsamples = 0
+    model.light_castshadow[:] = 0
+    model.mat_reflectance[:] = 0
+    model.vis.global_.offwidth = model.vis.global_.offheight = size
+
+
 class _RgbdRenderer:
-    """Colour and metric depth of one camera from a single offscreen render pass.
+    """Colour and metric depth of any camera of one task's scene from a single offscreen pass.
 
     `mujoco.Renderer` renders the scene twice for colour and depth; reading both buffers of one
-    pass costs little more than colour alone. On a software renderer, multisampling, shadows and
-    reflections are what cost, so they are switched off before MuJoCo's render context is made.
+    pass costs little more than colour alone. What it holds (MuJoCo's render context: meshes,
+    textures, ~40 MB and ~0.17 s to make on a software renderer; the scene) depends only on the
+    task's model as compiled and the image size, so every env of a task in a thread shares one
+    (`_Renderers`) and passes its own model, data and camera to `render`.
     """
 
-    def __init__(self, model: mujoco.MjModel, camera: str, size: int):
-        model.vis.quality.offsamples = 0
-        model.light_castshadow[:] = 0
-        model.mat_reflectance[:] = 0
-        model.vis.global_.offwidth = model.vis.global_.offheight = size
-        self._model = model
+    def __init__(self, model: mujoco.MjModel, size: int):
+        _prepare_for_rendering(model, size)
         self._gl = _gl_context()
         self._gl.make_current()
         self._context = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_100)
@@ -204,17 +215,24 @@ class _RgbdRenderer:
         self._option = mujoco.MjvOption()
         self._camera = mujoco.MjvCamera()
         self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
-        self._camera.fixedcamid = model.camera(camera).id
         self._viewport = mujoco.MjrRect(0, 0, size, size)
         self._rgb = np.empty((size, size, 3), np.uint8)
         self._zbuffer = np.empty((size, size), np.float32)
         self.near = model.vis.map.znear * model.stat.extent
         self.far = model.vis.map.zfar * model.stat.extent
 
-    def render(self, data: mujoco.MjData) -> tuple[np.ndarray, np.ndarray]:
+    def render(
+        self, model: mujoco.MjModel, data: mujoco.MjData, camera: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Colour and depth of fixed camera `camera` of `model` (this task's) in state `data`."""
         self._gl.make_current()
+        # Renderers share the thread's GL context; MuJoCo draws into whichever framebuffer is
+        # bound, so bind this one's again: otherwise, after another renderer has drawn, this
+        # one reads back its own stale image (several envs run in lockstep in one process).
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
+        self._camera.fixedcamid = camera
         mujoco.mjv_updateScene(
-            self._model,
+            model,
             data,
             self._option,
             None,
@@ -231,17 +249,68 @@ class _RgbdRenderer:
         depth[depth > _SKYBOX_MIN_DEPTH_M] = self.far  # as mujoco.Renderer reports the background
         return rgb, depth.astype(np.float32)
 
-    def close(self) -> None:
+    def free(self) -> None:
         self._gl.make_current()
         self._context.free()
+
+
+class _Renderers:
+    """A thread's renderers by (task, image size), shared by its envs of that task and size.
+
+    One no env uses any more is kept for a later env (a collect worker's next episode, say) while
+    it is among the last `_IDLE_RENDERERS` unused ones; older ones are freed.
+    """
+
+    def __init__(self):
+        self._renderers: dict[tuple[str, int], list] = {}  # key -> [renderer, envs using it]
+        self._idle: OrderedDict[tuple[str, int], None] = OrderedDict()  # least recent first
+
+    @staticmethod
+    def of_this_thread() -> _Renderers:
+        renderers = getattr(_thread_local, "renderers", None)
+        if renderers is None:
+            _gl_context()
+            renderers = _thread_local.renderers = _Renderers()
+            # Registered after the GL context's `free`, so it runs before it.
+            atexit.register(renderers.free)
+        return renderers
+
+    def acquire(self, task: str, model: mujoco.MjModel, size: int) -> _RgbdRenderer:
+        """The renderer of `task` at `size`, made from `model` (one of the task's) if need be."""
+        key = (task, size)
+        entry = self._renderers.get(key)
+        if entry is None:
+            entry = self._renderers[key] = [_RgbdRenderer(model, size), 0]
+        self._idle.pop(key, None)
+        entry[1] += 1
+        return entry[0]
+
+    def release(self, task: str, size: int) -> None:
+        key = (task, size)
+        entry = self._renderers.get(key)
+        if entry is None:  # freed at exit already
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self._idle[key] = None
+            while len(self._idle) > _IDLE_RENDERERS:
+                oldest, _ = self._idle.popitem(last=False)
+                self._renderers.pop(oldest)[0].free()
+
+    def free(self) -> None:
+        for renderer, _ in self._renderers.values():
+            renderer.free()
+        self._renderers.clear()
+        self._idle.clear()
 
 
 class MetaWorldEnv:
     """One Meta-World v3 task at the variation (object and goal positions) that `seed` picks.
 
-    Every `reset` returns to that same variation. Observations are Meta-World's 39-d vectors with
-    the goal visible; images come from one named camera, upright, `image_size` pixels square.
-    Use it as a context manager, or call `close`, to free its render context promptly.
+    Every `reset` returns to that same variation; `reseed` moves the env to another one, as if
+    made anew at that seed, without building the model again. Observations are Meta-World's 39-d
+    vectors with the goal visible; images come from one named camera, upright, `image_size`
+    pixels square. Use it as a context manager, or call `close`, to hand back its renderer.
     """
 
     def __init__(self, task: str, seed: int, camera: str = "corner", image_size: int = 64):
@@ -258,7 +327,35 @@ class MetaWorldEnv:
         )
         self._sim = self._env.unwrapped
         _roll_upside_down_cameras(self._sim.model, self._sim.data)
+        self._camera_id = self._sim.model.camera(camera).id
         self._renderer: _RgbdRenderer | None = None
+        self._renderers: _Renderers | None = None
+
+    def reseed(self, seed: int) -> None:
+        """Make this env the variation `seed` picks, exactly as `MetaWorldEnv(task, seed, ...)`
+        builds it (same observations, frames and rewards from `reset` on); call `reset` next.
+
+        Costs one Meta-World reset (~15 ms) instead of compiling the task's model (~0.17 s).
+        Meta-World's goal-observable constructor seeds numpy's global generator with `seed`,
+        resets once with the variation unfrozen (drawing it from that generator), freezes it
+        and seeds the env's own generators: this repeats those steps on the built env. A reset
+        starts from `mj_resetData` and sets every task attribute again, so the previous
+        episode leaves nothing behind (tests/test_envs.py compares with fresh envs).
+        """
+        sim = self._sim
+        state = np.random.get_state()
+        np.random.seed(seed)
+        try:
+            sim._freeze_rand_vec = False
+            sim.reset()
+            sim._freeze_rand_vec = True
+            sim.seed(seed)
+        finally:
+            np.random.set_state(state)
+        # What SawyerXYZEnv.__init__ sets and a reset does not.
+        sim._did_see_sim_exception = False
+        sim._last_stable_obs = None
+        self.seed = seed
 
     @property
     def sim(self) -> SawyerXYZEnv:
@@ -295,9 +392,12 @@ class MetaWorldEnv:
 
         Pixels that see no geometry read the far clipping plane's distance.
         """
+        model = self._sim.model
         if self._renderer is None:
-            self._renderer = _RgbdRenderer(self._sim.model, self.camera, self.image_size)
-        return self._renderer.render(self._sim.data)
+            _prepare_for_rendering(model, self.image_size)
+            self._renderers = _Renderers.of_this_thread()
+            self._renderer = self._renderers.acquire(self.task, model, self.image_size)
+        return self._renderer.render(model, self._sim.data, self._camera_id)
 
     @staticmethod
     def proprio(obs: np.ndarray) -> np.ndarray:
@@ -306,8 +406,8 @@ class MetaWorldEnv:
 
     def close(self) -> None:
         if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+            self._renderers.release(self.task, self.image_size)
+            self._renderer = self._renderers = None
         self._env.close()
 
     def __enter__(self) -> MetaWorldEnv:

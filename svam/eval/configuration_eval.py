@@ -10,8 +10,8 @@ from policy.configuration_policy import parse_mode
 @dataclass
 class EvalConfig:
     modes: list[str] | None = None
-    """Foresight modes to compare (onestep, shortcut, multistep:K, partial:F); each runs the
-    run's policy/<kind>/ (multistep:K and partial:F the multistep policy). None: the one
+    """Foresight modes to compare (blind, onestep, shortcut, multistep:K, partial:F); each runs
+    the run's policy/<kind>/ (multistep:K and partial:F the multistep policy). None: the one
     train_policy.mode names."""
     policy: str | None = None
     """Evaluate this policy directory instead, in the mode it was trained for (eval.modes, when
@@ -37,6 +37,10 @@ class EvalConfig:
     workers: int = 1
     """Processes the closed-loop episodes run in (each loads the policies once, uses `threads`
     threads). On CPU, processes beat torch's intra-op threads on models this small."""
+    batch_size: int = 16
+    """Episodes of one mode run in lockstep in one process, one batched policy call per control
+    step (workers take whole batches). Outcomes do not depend on it; the report's latency is
+    still measured at batch 1."""
     threads: int | None = 1
     """torch threads for the latency and FLOP measurements and in each rollout worker; None:
     torch's default. Fixed so that latencies compare across runs and modes."""
@@ -44,7 +48,7 @@ class EvalConfig:
     """Timed control steps per mode (after `warmup_steps`), interleaved across modes."""
     warmup_steps: int = 3
     fidelity_clips: int | None = 32
-    """Validation clips of the foresight and action fidelity (evenly over the split); None: all."""
+    """Test clips of the foresight and action fidelity (evenly over the split); None: all."""
     fidelity_batch: int = 8
     rollouts: bool = True
     """Run the closed-loop episodes (task success); false reports success as not measured."""
@@ -65,6 +69,7 @@ class EvalConfig:
             "episodes_per_task",
             "execute_actions",
             "workers",
+            "batch_size",
             "latency_steps",
             "fidelity_batch",
         ):

@@ -3,10 +3,13 @@
 For each mode of `eval.modes` (its policy: the run's `policy/<kind>/`, see `ForesightMode`):
 
 1. task success in Meta-World closed loop (`svam.eval.metaworld`): `eval.episodes_per_task`
-   episodes per task at seeds never used for collection, in `eval.workers` processes;
-2. foresight fidelity against the cache's N-step targets and action error, on validation clips
-   (`svam.eval.measure.fidelity`);
-3. FLOPs of a control step by part;
+   episodes per task at seeds never used for collection, the same (task, seed) episodes and noise
+   keys in every mode (so modes compare pair by pair), in lockstep batches of `eval.batch_size`
+   in `eval.workers` processes;
+2. foresight fidelity against the cache's N-step targets under the cache's noise and under fresh
+   noise, and action error, on test clips (`svam.eval.measure.fidelity`), with the teacher's
+   sampling floor;
+3. FLOPs of a control step by part, here and at the published size (`svam.flops`);
 4. control-step latency, all modes interleaved in one loop, threads fixed, with this machine's
    measured matmul peak.
 
@@ -25,6 +28,7 @@ import os
 import platform
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -40,6 +44,10 @@ from svam.data.shards import sha256_file, write_json_atomic
 from svam.rundir import RunDir
 
 REPORT_JSON = "report.json"
+FIDELITY_VERSION = (
+    "fidelity/2: test split, cache and fresh noise, skill, depth vs teacher and world"
+)
+"""Part of the key of stored fidelity: results of an older measurement are measured again."""
 
 
 class EvalError(ValueError):
@@ -232,19 +240,32 @@ class Evaluation:
         )
 
     def fidelity_key(self, target: Target) -> str:
+        return config_hash([self.policy_keys[target.mode], self._fidelity_inputs()])
+
+    def _fidelity_inputs(self) -> list[Any]:
         manifest = self.cache / "manifest.json" if self.cache else Path("-")
-        return config_hash(
-            [
-                self.policy_keys[target.mode],
-                _file_digest(manifest),
-                _file_digest(self.baselines),
-                self.args.fidelity_clips,
-                self.args.fidelity_batch,
-            ]
-        )
+        return [
+            FIDELITY_VERSION,
+            _file_digest(manifest),
+            _file_digest(self.baselines),
+            self.args.fidelity_clips,
+            self.args.fidelity_batch,
+        ]
+
+    def floor_key(self, policy_key: str | None) -> str:
+        return config_hash([policy_key, self.record.get("feature_steps"), self._fidelity_inputs()])
 
     def flops_key(self, target: Target) -> str:
-        return config_hash([self.policy_keys[target.mode], self.settings["image_size"]])
+        from svam.flops import COUNTER
+
+        return config_hash([self.policy_keys[target.mode], self.settings["image_size"], COUNTER])
+
+    def published_key(self) -> str:
+        from svam.config import load_config
+        from svam.flops import COUNTER, PUBLISHED_CONFIG
+
+        modes = [t.mode for t in self.ok]
+        return config_hash([modes, COUNTER, config_hash(load_config(PUBLISHED_CONFIG))])
 
     def latency_key(self) -> str:
         return config_hash(
@@ -266,6 +287,7 @@ class Evaluation:
                 self.settings,
                 [self.rollouts_key(t) for t in self.ok] if self.args.rollouts else None,
                 [self.fidelity_key(t) for t in self.ok],
+                self.published_key(),
                 self.latency_key(),
                 self.args.tensorboard,
             ]
@@ -315,7 +337,13 @@ class Evaluation:
             "threads": self.args.threads,
             "run_seed": self.config.run.seed,
         }
-        stream = rollouts(episodes, self.settings, self.args.workers, **options)
+        stream = rollouts(
+            episodes,
+            self.settings,
+            self.args.workers,
+            batch_size=self.args.batch_size,
+            **options,
+        )
         for outcome in tqdm(stream, total=len(episodes), desc="eval: episodes"):
             mode = outcome.episode.mode
             outcomes[mode].append(outcome)
@@ -370,50 +398,78 @@ class Evaluation:
 
         return TeacherCache.open(self.cache)
 
-    def validation_batches(self, with_generated: bool) -> list[dict]:
+    def check_cache(self) -> None:
+        """Refuse a cache without test clips (made before the test split existed): every
+        measured number of the report comes from the test split."""
+        if self.cache is None:
+            return
+        try:
+            clips = self.teacher_cache.members("test")
+        except ValueError as exc:
+            raise EvalError(f"{self.cache}: {exc}") from exc
+        if not clips:
+            raise EvalError(
+                f"{self.cache / 'manifest.json'}: the teacher cache holds no test clips (made "
+                "before svam held test episodes out): rebuild it with `svam cache-teachers` "
+                "(and rerun `svam distill` and `svam train-policy` on it)"
+            )
+
+    def test_batches(self, arrays: list[str]) -> list[dict]:
+        """Test clips of the teacher cache (evenly over the split, at most eval.fidelity_clips),
+        carrying the current frame, state, actions and `arrays`."""
         from svam.data.teacher_cache import CURRENT, teacher_cache_loader
 
-        arrays = [CURRENT, "state", "actions", "semantic", "geometric"]
-        if with_generated:
-            arrays.append("generated")
         loader = teacher_cache_loader(
             self.teacher_cache,
-            "val",
+            "test",
             batch_size=self.args.fidelity_batch,
-            arrays=arrays,
+            arrays=[CURRENT, "state", "actions", *arrays],
             shuffle=False,
             max_clips=self.args.fidelity_clips,
         )
         return list(loader)
 
-    def measure(self, policies: dict[str, Any]) -> tuple[dict, dict, dict]:
-        """(fidelity per mode, FLOPs per mode, latency record), each reused when stored."""
+    def measure(self, policies: dict[str, Any]) -> dict[str, Any]:
+        """Fidelity, FLOPs (here and at the published size) per mode, the sampling floor and the
+        latency record, each reused when stored."""
         from tqdm.auto import tqdm
 
+        from svam import flops as flop_count
         from svam.eval import measure
 
         fidelity, flops = {}, {}
-        batches = depth = None
+        clips: tuple[list[dict], Any] | None = None
+
+        def test_clips() -> tuple[list[dict], Any]:
+            nonlocal clips
+            if clips is None:
+                clips = self._test_clips(policies)
+            return clips
+
         for target in tqdm(self.ok, desc="eval: fidelity and FLOPs", leave=False):
             policy = policies[target.mode]
             path = self.mode_dir(target) / "fidelity.json"
             stored = _read(path, self.fidelity_key(target))
             if stored is None and self.cache is not None:
-                if batches is None:
-                    depth = self._depth_truth(policies)
-                    batches = self.validation_batches(depth is not None)
-                    if depth is not None:
-                        depth.add_truth(batches)
-                result = measure.fidelity(policy, batches, depth, self.config.run.seed)
+                batches, reference = test_clips()
+                result = measure.fidelity(policy, batches, reference, self.config.run.seed)
                 stored = {"key": self.fidelity_key(target), **result}
                 _write(path, stored)
             fidelity[target.mode] = stored
             path = self.mode_dir(target) / "flops.json"
             stored = _read(path, self.flops_key(target))
             if stored is None:
-                stored = {"key": self.flops_key(target), **measure.flops(policy, self.observation)}
+                counted = flop_count.control_step_flops(policy, self.observation)
+                stored = {"key": self.flops_key(target), **counted}
                 _write(path, stored)
             flops[target.mode] = stored
+        floor = self._sampling_floor(policies, fidelity, test_clips)
+        path = self.root / "flops_published.json"
+        published = _read(path, self.published_key())
+        if published is None:
+            counted = flop_count.published_step_flops([t.mode for t in self.ok])
+            published = {"key": self.published_key(), "modes": counted}
+            _write(path, published)
         path = self.root / "latency.json"
         record = _read(path, self.latency_key())
         if record is None:
@@ -428,27 +484,74 @@ class Evaluation:
                 "measured": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _write(path, record)
-        return fidelity, flops, record
+        return {
+            "fidelity": fidelity,
+            "flops": flops,
+            "published": published["modes"],
+            "floor": floor,
+            "latency": record,
+        }
 
-    def _depth_truth(self, policies: dict[str, Any]):
-        from svam.eval.measure import DepthTruth
+    def _test_clips(self, policies: dict[str, Any]) -> tuple[list[dict], Any]:
+        """(test batches with their depth truths, the `FidelityReference`, or None when distill's
+        baselines are missing: foresight is then not measured)."""
+        from svam.eval.measure import FidelityReference
 
-        encoders = [p.frozen.geometric for p in policies.values() if p.frozen.geometric]
-        if not encoders or not self.baselines.is_file() or not self.teacher_cache.has("generated"):
+        reference = None
+        if self.baselines.is_file():
+            encoders = [p.frozen.geometric for p in policies.values() if p.frozen.geometric]
+            cache = self.teacher_cache
+            grid = int(round(cache.manifest["dims"]["geometric"][0] ** 0.5))
+            try:
+                reference = FidelityReference.load(
+                    self.baselines, grid, encoders[0] if encoders else None, cache.has
+                )
+            except (ValueError, KeyError) as exc:
+                raise EvalError(f"{self.baselines}: {exc}") from exc
+        batches = self.test_batches(reference.arrays if reference else [])
+        if reference is not None:
+            reference.add_truth(batches)
+        return batches, reference
+
+    def _sampling_floor(
+        self, policies: dict[str, Any], fidelity: dict, clips: Callable[[], tuple]
+    ) -> dict | None:
+        """The teacher's own sampling spread: its full schedule under fresh noise against the
+        targets it drew under the cache's noise (`multistep:N`'s fresh-noise foresight, measured
+        on the multistep policy's frozen teacher and encoders); None without a multistep
+        policy, a cache or distill's baselines."""
+        from policy.modeling_policy import ShortcutPolicy
+        from svam.eval import measure
+
+        full = f"multistep:{self.record.get('feature_steps')}"
+        if (fidelity.get(full) or {}).get("foresight"):
+            return fidelity[full]["foresight"]["fresh_noise"]
+        generating = [t for t in self.ok if t.foresight.generates]
+        if not generating or self.cache is None or not self.baselines.is_file():
             return None
-        try:
-            return DepthTruth(self.baselines, encoders[0])
-        except ValueError:
-            return None
+        target = generating[0]
+        path = self.root / "sampling_floor.json"
+        key = self.floor_key(self.policy_keys[target.mode])
+        stored = _read(path, key)
+        if stored is None:
+            loaded = policies[target.mode]
+            policy = ShortcutPolicy(loaded.config, loaded.net, loaded.frozen, full)
+            batches, reference = clips()
+            result = measure.fidelity(
+                policy, batches, reference, self.config.run.seed, ("fresh_noise",), False
+            )
+            stored = {"key": key, "floor": (result["foresight"] or {}).get("fresh_noise")}
+            _write(path, stored)
+        return stored["floor"]
 
     @cached_property
     def observation(self) -> dict[str, Any]:
-        """The input of the latency and FLOP measurements: the first validation clip's current
-        frame, instruction and state (a blank frame without a cache)."""
+        """The input of the latency and FLOP measurements: the first test clip's current frame,
+        instruction and state (a blank frame without a cache)."""
         import torch
 
         if self.cache is not None:
-            batch = self.validation_batches(False)[0]
+            batch = self.test_batches([])[0]
             frames, state = batch["current"][:1], batch["state"][:1, 0].float()
             instruction = batch["instruction"][0]
         else:
@@ -461,6 +564,8 @@ class Evaluation:
 
     def about(self, target: Target, full_steps: int | None) -> str:
         foresight, n = target.foresight, full_steps or "N"
+        if foresight.kind == "blind":
+            return "state and instruction only: no teacher, no foresight (does vision matter?)"
         if foresight.kind == "onestep":
             return "the teacher's one-step features only, no foresight (VPP)"
         if foresight.kind == "shortcut":
@@ -474,12 +579,14 @@ class Evaluation:
         full = " (the cache's full schedule)" if schedule == full_steps else ""
         return f"the teacher generates with {schedule} steps{full}; DINOv2 / DA3 read the frames"
 
-    def report(self, rollouts: dict, fidelity: dict, flops: dict, latency: dict) -> dict:
+    def report(self, rollouts: dict, measured: dict) -> dict:
         full_steps = self.record.get("feature_steps")
+        latency, flops = measured["latency"], measured["flops"]
         peak = latency["matmul_peak"]["flops_per_s"] if latency else None
         modes = {}
         for target in self.targets:
             entry: dict[str, Any] = {
+                "kind": target.foresight.kind,
                 "about": self.about(target, full_steps),
                 "policy": str(target.policy),
             }
@@ -491,13 +598,14 @@ class Evaluation:
             timing = latency["latency"][mode] if latency else None
             count = flops.get(mode)
             achieved = count["total"] / (timing["median"] / 1000) if count and timing else None
-            fid = fidelity.get(mode) or {}
+            fid = measured["fidelity"].get(mode) or {}
             success = rollouts.get(mode)
             modes[mode] = {
                 "status": "ok",
                 **entry,
                 "latency_ms": timing,
                 "flops": {"total": count["total"], "parts": count["parts"]} if count else None,
+                "flops_published": measured["published"].get(mode),
                 "achieved_flops_per_s": achieved,
                 "peak_fraction": achieved / peak if achieved and peak else None,
                 "foresight": fid.get("foresight"),
@@ -507,7 +615,6 @@ class Evaluation:
                 else None,
                 "videos": success["videos"] if success else [],
             }
-        notes = self.notes(fidelity, full_steps)
         machine = {
             **self.machine,
             "device": self.device,
@@ -526,13 +633,16 @@ class Evaluation:
                 "fidelity_clips": self.args.fidelity_clips,
                 "feature_steps": full_steps,
                 "workers": self.args.workers,
+                "batch_size": self.args.batch_size,
+                "split": "test",
                 "cache": str(self.cache) if self.cache else None,
             },
+            "sampling_floor": measured["floor"],
             "modes": modes,
-            "notes": notes,
+            "notes": self.notes(measured, full_steps),
         }
 
-    def notes(self, fidelity: dict, full_steps: int | None) -> list[str]:
+    def notes(self, measured: dict, full_steps: int | None) -> list[str]:
         """What a reader needs to read the numbers right."""
         notes = []
         encoders = self.record.get("encoders", {})
@@ -542,9 +652,9 @@ class Evaluation:
         if random:
             notes.append(
                 f"The {' and '.join(random)} encoder(s) are random-init (encoders.*_weights null): "
-                "their tokens say little about the scene, so token cosines sit close to 1 and "
-                "depth errors close to 0 for every mode; compare modes by their ranking, and "
-                "point the encoders at real weights (configs/svd-xt.yaml) for meaningful values."
+                "their tokens carry little about the scene, so foresight skills say how well a "
+                "mode tracks the teacher's random features, not the scene; point the encoders at "
+                "real weights (configs/svd-xt.yaml) for meaningful values."
             )
         generating = [t.mode for t in self.targets if t.foresight.generates]
         if generating:
@@ -552,26 +662,24 @@ class Evaluation:
                 f"{', '.join(f'`{m}`' for m in generating)} run the one multistep policy, trained "
                 f"on the cache's {full_steps or 'N'}-step foresight; only inference changes."
             )
-        floors = [
-            f["foresight"].get("depth_abs_rel_floor")
-            for f in fidelity.values()
-            if f.get("foresight")
-        ]
-        floors = [f for f in floors if f is not None]
-        if floors:
+        notes.append(
+            f"Fidelity is measured on the cache's test clips (up to {self.args.fidelity_clips}), "
+            "which no stage fits or selects on, against per-channel statistics and depth probes "
+            "fitted on the train split. Under the cache's noise keys "
+            f"`multistep:{full_steps or 'N'}` regenerates the cached targets (skill 1 up to "
+            "float16 rounding: a check of the pipeline); under fresh noise its distance is the "
+            "teacher's own sampling spread, the floor stated as the sampling floor row."
+        )
+        if self.cache is not None and not self.baselines.is_file():
             notes.append(
-                "Depth AbsRel decodes tokens through distill's linear depth probe against DA3's "
-                f"depth of the generated frames; the targets themselves score {floors[0]:.4f}, "
-                "the floor the probe sets."
+                f"Foresight fidelity is not measured: no {self.baselines} (run `svam distill`)."
             )
         notes.append(
-            "Foresight of the full-schedule multistep mode is not exactly the targets: it "
-            "regenerates with fresh noise, so its distance measures the teacher's sampling spread."
-        )
-        notes.append(
             f"Latency and FLOPs are measured in this process with {self.args.threads or 'default'} "
-            f"torch thread(s), the modes interleaved step by step; the closed-loop episodes ran in "
-            f"{self.args.workers} process(es) and their timings are not used."
+            f"torch thread(s), the modes interleaved step by step at batch 1; the closed-loop "
+            f"episodes ran in lockstep batches of {self.args.batch_size} in {self.args.workers} "
+            "process(es) and their timings are not used. FLOPs at the published size are counted "
+            "on the meta device with configs/svd-xt.yaml's models (svam/flops.py)."
         )
         return notes
 
@@ -602,12 +710,13 @@ def evaluate(config: Config, out_dir: str | Path | None = None) -> Path:
     run = RunDir.from_config(config)
     run.save_config(config, "eval")
     evaluation.root.mkdir(parents=True, exist_ok=True)
+    evaluation.check_cache()
     rollouts = evaluation.run_rollouts() if config.eval.rollouts else {}
     with fixed_threads(config.eval.threads):
         policies = {t.mode: evaluation.load(t) for t in evaluation.ok}
-        fidelity, flops, latency = evaluation.measure(policies)
+        measured = evaluation.measure(policies)
     del policies
-    report = evaluation.report(rollouts, fidelity, flops, latency)
+    report = evaluation.report(rollouts, measured)
     tensorboard = run.tb / "eval" if config.eval.tensorboard else None
     path = write_report(report, evaluation.root, tensorboard)
     print(f"eval: report -> {path}")

@@ -1,13 +1,17 @@
 """The latency–fidelity report of `svam eval`: tables, answers, plots and TensorBoard logs.
 
-Input is a plain dict built by the eval stage: the run, the machine, the evaluation settings and, per
-foresight mode in configured order, either `status: ok` with its measurements or `status: missing`
-with a one-line reason. `complete` adds Wilson intervals, Pareto fronts and the two answers the
-paper asks of the numbers; `write_report` writes `report.json`, `report.md` and two figures.
+Input is a plain dict built by the eval stage: the run, the machine, the evaluation settings, the
+teacher's sampling floor and, per mode in configured order, either `status: ok` with its
+measurements or `status: missing` with a one-line reason. `complete` adds Wilson intervals, Pareto
+fronts, paired comparisons of success (`svam.eval.stats`) and the answers the paper asks of the
+numbers; `write_report` writes `report.json`, `report.md` and two figures.
 
 Conventions: a measurement that is None or NaN is "not measured" (`—` in tables, skipped in plots
-and logs); the foresight of `onestep` is "not applicable" (`n/a`), since it has none; a missing
-mode is never dropped, it is a "missing" row in the headline table and listed with its reason.
+and logs); the foresight of `onestep` and `blind` is "not applicable" (`n/a`), since they have
+none; a missing mode is never dropped, it is a "missing" row in the headline table and listed with
+its reason. Foresight is scored as skill against "nothing moves" (repeating the current frame's
+tokens): 0 is no better than a static world, 1 is perfect; the headline reads it under the cache's
+own noise keys, with fresh noise beside it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from svam.eval.stats import paired_comparison
+
 DPI = 110
 LATENCY_FIDELITY_PNG = "latency_fidelity.png"
 SUCCESS_PER_TASK_PNG = "success_per_task.png"
+BLIND = "blind"
+NO_FORESIGHT_KINDS = ("onestep", "blind")
+SAMPLING_FLOOR = "sampling floor (teacher, fresh noise)"
+NO_VISION = "the tasks, as evaluated, do not need vision: no foresight mode beats the blind policy"
 
 
 @dataclass(frozen=True)
@@ -39,12 +49,31 @@ class FidelityAxis:
     def sense(self) -> str:
         return "higher is better" if self.higher_is_better else "lower is better"
 
+    @property
+    def fresh_path(self) -> tuple[str, ...] | None:
+        """The same measurement under fresh noise, for a foresight axis."""
+        if self.path[:2] != ("foresight", "cache_noise"):
+            return None
+        return ("foresight", "fresh_noise", *self.path[2:])
+
 
 FIDELITY_AXES = (
     FidelityAxis("success_rate", ("success", "rate"), "success rate", True),
-    FidelityAxis("semantic_cosine", ("foresight", "semantic_cosine"), "semantic cosine", True),
-    FidelityAxis("geometric_cosine", ("foresight", "geometric_cosine"), "geometric cosine", True),
-    FidelityAxis("depth_abs_rel", ("foresight", "depth_abs_rel"), "depth AbsRel", False),
+    FidelityAxis(
+        "semantic_skill", ("foresight", "cache_noise", "semantic", "skill"), "semantic skill", True
+    ),
+    FidelityAxis(
+        "geometric_skill",
+        ("foresight", "cache_noise", "geometric", "skill"),
+        "geometric skill",
+        True,
+    ),
+    FidelityAxis(
+        "depth_world_abs_rel",
+        ("foresight", "cache_noise", "depth_world", "abs_rel"),
+        "depth AbsRel vs world",
+        False,
+    ),
     FidelityAxis("action_mse", ("action", "mse"), "action MSE", False),
 )
 FORESIGHT_AXES = tuple(axis for axis in FIDELITY_AXES if axis.path[0] == "foresight")
@@ -63,20 +92,6 @@ def wilson_interval(successes: int, episodes: int, z: float = 1.96) -> tuple[flo
     center = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, center - half), min(1.0, center + half)
-
-
-def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.96) -> tuple[float, float]:
-    """Interval for p1 - p2: Newcombe's hybrid score method (method 10 of Newcombe 1998), which
-    combines the two Wilson intervals and, unlike the Wald interval, behaves near 0 and 1.
-    (-1, 1) when either side has no episodes."""
-    if n1 == 0 or n2 == 0:
-        return -1.0, 1.0
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson_interval(k1, n1, z)
-    l2, u2 = wilson_interval(k2, n2, z)
-    below = math.hypot(p1 - l1, u2 - p2)
-    above = math.hypot(u1 - p1, p2 - l2)
-    return max(-1.0, p1 - p2 - below), min(1.0, p1 - p2 + above)
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
@@ -118,6 +133,10 @@ def _ok_modes(report: dict) -> dict[str, dict]:
     return {name: mode for name, mode in report["modes"].items() if mode["status"] == "ok"}
 
 
+def _has_no_foresight(mode: dict) -> bool:
+    return mode.get("kind") in NO_FORESIGHT_KINDS
+
+
 def _axis_points(report: dict, axis: FidelityAxis) -> dict[str, tuple[float, float]]:
     """(latency median ms, value) of every ok mode that has both, in configured order."""
     points = {}
@@ -138,12 +157,13 @@ def _multistep_k(name: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Completing a report: intervals, Pareto fronts, answers
+# Completing a report: intervals, Pareto fronts, paired comparisons, answers
 
 
 def complete(report: dict) -> dict:
     """A copy of `report` with Wilson intervals (`success.ci95`, overall and per task), the Pareto
-    front of each fidelity axis (`pareto`: axis key -> mode names) and `answers`."""
+    front of each fidelity axis (`pareto`: axis key -> mode names), `answers` and `comparisons`
+    (every paired comparison the answers made, in order)."""
     report = copy.deepcopy(report)
     for mode in _ok_modes(report).values():
         success = mode.get("success")
@@ -160,7 +180,15 @@ def complete(report: dict) -> dict:
     report["answers"] = {
         "shortcut_vs_onestep": _shortcut_vs_onestep(report),
         "shortcut_vs_multistep": _shortcut_vs_multistep(report),
+        "vision_matters": _vision_matters(report),
     }
+    report["comparisons"] = [
+        comparison
+        for answer in report["answers"].values()
+        for comparison in (
+            [answer["success"]] if "success" in answer else answer.get("comparisons", {}).values()
+        )
+    ]
     return report
 
 
@@ -185,34 +213,48 @@ def _points(delta: float) -> str:
     return f"{100 * delta:+.1f}"
 
 
-def _compare_success(report: dict, a: str, b: str) -> tuple[dict, str]:
-    """Success of `a` minus that of `b` with its Newcombe interval and verdict, and a sentence."""
-    sa, sb = report["modes"][a]["success"], report["modes"][b]["success"]
-    k1, n1, k2, n2 = sa["successes"], sa["episodes"], sb["successes"], sb["episodes"]
-    low, high = difference_interval(k1, n1, k2, n2)
-    difference = sa["rate"] - sb["rate"]
-    if low > 0:
-        verdict, conclusion = "better", f"so {a} is better"
-    elif high < 0:
-        verdict, conclusion = "worse", f"so {a} is worse"
-    else:
-        each = f"{n1} episodes each" if n1 == n2 else f"{n1} and {n2} episodes"
-        verdict = f"no significant difference with {each}"
-        conclusion = f"which spans 0: inconclusive ({verdict})"
-    numbers = {
-        a: sa["rate"],
-        b: sb["rate"],
-        "difference": difference,
-        "ci95": [low, high],
-        "episodes": [n1, n2],
-        "verdict": verdict,
-    }
-    sentence = (
-        f"{a} succeeds in {_pct(sa['rate'])} of episodes ({k1}/{n1}) against {_pct(sb['rate'])} "
-        f"({k2}/{n2}) for {b}: a difference of {_points(difference)} points, 95% CI "
-        f"[{_points(low)}, {_points(high)}], {conclusion}."
+def _detectable(comparison: dict) -> str:
+    detectable = comparison["detectable_difference"]
+    if detectable is None:
+        return "this run has too few pairs to detect any difference at 80% power"
+    return f"this run could detect a difference of {100 * detectable:.1f} points at 80% power"
+
+
+def _outcomes(mode: dict, other: dict) -> dict[str, list[bool]]:
+    """Outcomes per task of `mode`; ValueError naming the task where its seeds differ from
+    `other`'s, since then the episodes do not pair."""
+    tasks, others = mode["success"]["tasks"], other["success"]["tasks"]
+    for task in tasks.keys() & others.keys():
+        if tasks[task]["seeds"] != others[task]["seeds"]:
+            raise ValueError(f"task {task}: the seeds differ, so the episodes do not pair")
+    return {task: result["outcomes"] for task, result in tasks.items()}
+
+
+def _compare_success(report: dict, a: str, b: str) -> dict:
+    """The paired comparison of `a`'s success against `b`'s (`svam.eval.stats`) with a sentence in
+    `text`; only `a`, `b` and `text` ('cannot compare: ...') when the episodes do not pair."""
+    ma, mb = report["modes"][a], report["modes"][b]
+    try:
+        result = paired_comparison(_outcomes(ma, mb), _outcomes(mb, ma))
+    except ValueError as error:
+        return {"a": a, "b": b, "text": f"cannot compare {a} with {b}: {error}."}
+    low, high = result["ci95"]
+    conclusion = {
+        "better": f"so {a} is better",
+        "worse": f"so {a} is worse",
+        "inconclusive": "which spans 0: inconclusive",
+    }[result["verdict"]]
+    n = result["pairs"]
+    text = (
+        f"{a} succeeds in {_pct(result['rate_a'])} of episodes "
+        f"({result['both'] + result['a_only']}/{n}) against {_pct(result['rate_b'])} "
+        f"({result['both'] + result['b_only']}/{n}) for {b} on the same episodes, "
+        f"{result['a_only']} succeeding only with {a} and {result['b_only']} only with {b}: "
+        f"a difference of {_points(result['difference'])} points, 95% CI "
+        f"[{_points(low)}, {_points(high)}], exact McNemar p = {result['p_value']:.3g}, "
+        f"{conclusion}; {_detectable(result)}."
     )
-    return numbers, sentence
+    return {"a": a, "b": b, **result, "text": text}
 
 
 def _latencies(report: dict, a: str, b: str) -> tuple[float, float] | None:
@@ -226,7 +268,7 @@ def _shortcut_vs_onestep(report: dict) -> dict:
     missing = _unavailable(report, ["shortcut", "onestep"])
     if missing:
         return {"question": question, "text": missing}
-    success, sentence = _compare_success(report, "shortcut", "onestep")
+    success = _compare_success(report, "shortcut", "onestep")
     latency = _latencies(report, "shortcut", "onestep")
     ratio = latency[0] / latency[1] if latency else None
     mse = [_get(report["modes"][name], "action", "mse") for name in ("shortcut", "onestep")]
@@ -238,7 +280,7 @@ def _shortcut_vs_onestep(report: dict) -> dict:
         )
     if None not in mse:
         details.append(f"its action MSE is {_num(mse[0])} vs {_num(mse[1])}")
-    text = sentence + "".join(f" {detail[0].upper()}{detail[1:]}." for detail in details)
+    text = success["text"] + "".join(f" {d[0].upper()}{d[1:]}." for d in details)
     return {
         "question": question,
         "success": success,
@@ -263,6 +305,14 @@ def _reference_mode(report: dict) -> str | None:
     return ks[max(ks)] if ks else None
 
 
+def _published_flops_ratio(report: dict, a: str, b: str) -> float | None:
+    """Published-size FLOPs per step of `a` over `b`'s: the latency ratio a compute-bound GPU
+    would see."""
+    fa = _get(report["modes"][a], "flops_published", "total")
+    fb = _get(report["modes"][b], "flops_published", "total")
+    return fa / fb if fa and fb else None
+
+
 def _shortcut_vs_multistep(report: dict) -> dict:
     question = "How far is shortcut from full multi-step foresight?"
     steps = report["settings"]["feature_steps"]
@@ -276,7 +326,7 @@ def _shortcut_vs_multistep(report: dict) -> dict:
     missing = _unavailable(report, ["shortcut", reference])
     if missing:
         return {"question": question, "text": missing}
-    success, sentence = _compare_success(report, "shortcut", reference)
+    success = _compare_success(report, "shortcut", reference)
     gaps, measured = {}, []
     for axis in FORESIGHT_AXES:
         mine = _get(report["modes"]["shortcut"], *axis.path)
@@ -286,11 +336,12 @@ def _shortcut_vs_multistep(report: dict) -> dict:
             measured.append(f"{gaps[axis.key]:+.3f} {axis.label}")
     latency = _latencies(report, reference, "shortcut")
     speedup = latency[0] / latency[1] if latency else None
+    published = _published_flops_ratio(report, reference, "shortcut")
     against = reference
     if reference != full:
         against += f" (standing in for the full {steps}-step schedule, which was not evaluated)"
     details = [
-        f"its foresight differs by {', '.join(measured)}"
+        f"its foresight differs by {', '.join(measured)} (under the cache's noise)"
         if measured
         else "its foresight was not compared (not measured)"
     ]
@@ -299,7 +350,9 @@ def _shortcut_vs_multistep(report: dict) -> dict:
             f"its median latency is {_ms(latency[1])} vs {_ms(latency[0])} ms, "
             f"a {_num(speedup)}x speed-up"
         )
-    text = f"{sentence} Against {against}, {'; '.join(details)}."
+    if published:
+        details.append(f"at the published size it needs {_num(published)}x fewer FLOPs per step")
+    text = f"{success['text']} Against {against}, {'; '.join(details)}."
     return {
         "question": question,
         "reference": reference,
@@ -307,7 +360,40 @@ def _shortcut_vs_multistep(report: dict) -> dict:
         "success": success,
         "foresight_gap": gaps,
         "speedup": speedup,
+        "published_flops_ratio": published,
         "text": text,
+    }
+
+
+def _vision_matters(report: dict) -> dict:
+    """Every vision mode's success against the blind policy's (state and instruction only)."""
+    question = "Do the tasks need vision (does any mode beat the blind policy)?"
+    missing = _unavailable(report, [BLIND])
+    if missing:
+        return {"question": question, "text": missing}
+    vision = [
+        name
+        for name, mode in _ok_modes(report).items()
+        if name != BLIND and _get(mode, "success", "episodes") is not None
+    ]
+    comparisons = {name: _compare_success(report, name, BLIND) for name in vision}
+    compared = {name: c for name, c in comparisons.items() if "verdict" in c}
+    sentences = " ".join(c["text"] for c in comparisons.values())
+    if not compared:
+        why = "no vision mode has comparable success measurements"
+        return {"question": question, "comparisons": comparisons, "text": f"cannot answer: {why}."}
+    beat = [name for name, c in compared.items() if c["verdict"] == "better"]
+    if beat:
+        names = ", ".join(beat)
+        lead = f"Yes: {names} beat{'s' if len(beat) == 1 else ''} the blind policy."
+    else:
+        lead = f"{NO_VISION[0].upper()}{NO_VISION[1:]}."
+    return {
+        "question": question,
+        "needs_vision": bool(beat),
+        "beats_blind": beat,
+        "comparisons": comparisons,
+        "text": f"{lead} {sentences}",
     }
 
 
@@ -342,16 +428,38 @@ def _success_cell(success: dict | None) -> str:
     )
 
 
+def _skill(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _three(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _noise_cell(block: dict | None, path: tuple[str, ...], fmt=_three) -> str:
+    """`cache (fresh)`: a foresight value under the cache's noise, under fresh noise beside it."""
+    cache = _get(block, "cache_noise", *path)
+    fresh = _get(block, "fresh_noise", *path)
+    if fresh is None:
+        return _cell(cache, fmt)
+    return f"{_cell(cache, fmt)} ({fmt(fresh)})"
+
+
+def _axis_format(axis: FidelityAxis):
+    return _skill if axis.higher_is_better else _three
+
+
 def headline_table(report: dict) -> str:
-    """One row per configured mode: latency, compute, foresight and action fidelity, success."""
+    """One row per configured mode: latency, compute, foresight skill and action fidelity, success;
+    a last row for the teacher's sampling floor when it was measured."""
     header = [
         "mode",
         "latency median (p95), ms",
-        "GFLOP/step",
-        "% of peak",
-        "semantic cos",
-        "geometric cos",
-        "depth AbsRel",
+        "GFLOP/step (tiny)",
+        "GFLOP/step (published size)",
+        "semantic skill",
+        "geometric skill",
+        "depth AbsRel vs world",
         "action MSE",
         "success (k/n, 95% CI)",
     ]
@@ -362,24 +470,32 @@ def headline_table(report: dict) -> str:
             continue
         median, p95 = _get(mode, "latency_ms", "median"), _get(mode, "latency_ms", "p95")
         latency = "—" if median is None else f"{_ms(median)} ({_cell(p95, _ms)})"
-        flops, fraction = _get(mode, "flops", "total"), _get(mode, "peak_fraction")
-        if name == "onestep" and _get(mode, "foresight") is None:
+        flops = _get(mode, "flops", "total")
+        published = _get(mode, "flops_published", "total")
+        if _has_no_foresight(mode):
             foresight = ["n/a"] * len(FORESIGHT_AXES)
         else:
-            foresight = [_cell(_get(mode, *axis.path), "{:.3f}".format) for axis in FORESIGHT_AXES]
+            foresight = [
+                _noise_cell(_get(mode, "foresight"), axis.path[2:], _axis_format(axis))
+                for axis in FORESIGHT_AXES
+            ]
         lines.append(
             _row(
                 [
                     f"`{name}`",
                     latency,
                     _cell(None if flops is None else flops / 1e9),
-                    _cell(None if fraction is None else 100 * fraction, lambda v: f"{_num(v)}%"),
+                    _cell(None if published is None else published / 1e9),
                     *foresight,
                     _cell(_get(mode, "action", "mse")),
                     _success_cell(_get(mode, "success")),
                 ]
             )
         )
+    floor = report.get("sampling_floor")
+    if floor:
+        cells = [_cell(_get(floor, *axis.path[2:]), _axis_format(axis)) for axis in FORESIGHT_AXES]
+        lines.append(_row([SAMPLING_FLOOR, "—", "—", "—", *cells, "—", "—"]))
     return "\n".join(lines)
 
 
@@ -395,40 +511,162 @@ def _setup_paragraph(report: dict) -> str:
         f"({machine['processor']}), torch {machine['torch']}, device {device}, {threads}; a large "
         f"float32 matmul peaks at {machine['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (machine "
         f"`{machine['fingerprint']}`, config `{report['config_fingerprint']}`). Each mode is evaluated on "
-        f"{len(tasks) * len(seeds)} episodes: {len(tasks)} tasks ({', '.join(tasks)}) x seeds "
-        f"{seed_range}, at most {settings['max_steps']} steps, executing the first "
+        f"the same {len(tasks) * len(seeds)} episodes: {len(tasks)} tasks ({', '.join(tasks)}) x "
+        f"seeds {seed_range}, at most {settings['max_steps']} steps, executing the first "
         f"{settings['execute_actions']} actions of each chunk. Latency is over "
         f"{settings['latency_steps']} control steps at batch 1, foresight and action fidelity over "
-        f"{settings['fidelity_clips']} clips; the teacher's full schedule has "
+        f"{settings['fidelity_clips']} {settings['split']} clips; the teacher's full schedule has "
         f"{settings['feature_steps']} steps."
     )
 
 
-def _flops_table(report: dict) -> list[str]:
-    """GFLOP per control step by part (`—`: the mode has no such part), achieved rate, peak %."""
-    modes = {name: mode for name, mode in _ok_modes(report).items() if _get(mode, "flops")}
+def _flops_table(report: dict, key: str) -> list[str]:
+    """GFLOP per control step by part (`—`: the mode has no such part) from `flops` (with the
+    achieved rate and % of peak, as measured) or `flops_published` (counted, not run)."""
+    modes = {name: mode for name, mode in _ok_modes(report).items() if _get(mode, key)}
     if not modes:
-        return ["No FLOP counts were measured."]
-    parts = list(dict.fromkeys(part for mode in modes.values() for part in mode["flops"]["parts"]))
+        return ["Not counted."]
+    measured = key == "flops"
+    parts = list(dict.fromkeys(part for mode in modes.values() for part in mode[key]["parts"]))
+    extra = ["achieved GFLOP/s", "% of peak"] if measured else []
     lines = [
-        _row(["mode", *parts, "total", "achieved GFLOP/s", "% of peak"]),
-        _row(["---"] + ["---:"] * (len(parts) + 3)),
+        _row(["mode", *parts, "total", *extra]),
+        _row(["---"] + ["---:"] * (len(parts) + 1 + len(extra))),
     ]
     for name, mode in modes.items():
-        flops, achieved = mode["flops"], _get(mode, "achieved_flops_per_s")
-        fraction = _get(mode, "peak_fraction")
+        flops = mode[key]
+        cells = [
+            f"`{name}`",
+            *(_cell(_get(flops, "parts", part), lambda v: _num(v / 1e9)) for part in parts),
+            _num(flops["total"] / 1e9),
+        ]
+        if measured:
+            cells += [
+                _cell(_get(mode, "achieved_flops_per_s"), lambda v: _num(v / 1e9)),
+                _cell(_get(mode, "peak_fraction"), lambda v: f"{_num(100 * v)}%"),
+            ]
+        lines.append(_row(cells))
+    return lines
+
+
+def _foresight_modes(report: dict) -> dict[str, dict]:
+    return {
+        name: mode["foresight"]
+        for name, mode in _ok_modes(report).items()
+        if _get(mode, "foresight") and not _has_no_foresight(mode)
+    }
+
+
+def _fidelity_tables(report: dict) -> list[str]:
+    """Per branch (semantic, geometric, depth): every foresight mode's numbers, `cache (fresh)`,
+    and the sampling floor's (fresh noise only)."""
+    modes, floor = _foresight_modes(report), report.get("sampling_floor")
+    if not modes and not floor:
+        return ["No foresight was measured."]
+    columns = (
+        ("skill", "skill", _skill),
+        ("NMSE", "nmse", _num),
+        ("centred cosine", "centred_cosine", _three),
+    )
+    depth = [
+        (f"{stat} vs {against}", f"depth_{against}", key, fmt)
+        for against in ("teacher", "world")
+        for stat, key, fmt in (("AbsRel", "abs_rel", _three), ("skill", "skill", _skill))
+    ]
+    lines = []
+    for branch in ("semantic", "geometric"):
+        lines += [
+            f"**{branch}**",
+            "",
+            _row(["mode", *(label for label, _, _ in columns)]),
+            _row(["---"] + ["---:"] * len(columns)),
+        ]
+        lines += [
+            _row([f"`{name}`", *(_noise_cell(f, (branch, key), fmt) for _, key, fmt in columns)])
+            for name, f in modes.items()
+        ]
+        if floor:
+            cells = [_cell(_get(floor, branch, key), fmt) for _, key, fmt in columns]
+            lines.append(_row([SAMPLING_FLOOR, *cells]))
+        lines.append("")
+    lines += [
+        "**depth** (vs teacher: Depth Anything 3 on the teacher's N-step frames; vs world: the "
+        "simulator's metric depth of the real future frames)",
+        "",
+        _row(["mode", *(label for label, _, _, _ in depth)]),
+        _row(["---"] + ["---:"] * len(depth)),
+    ]
+    lines += [
+        _row([f"`{name}`", *(_noise_cell(f, (b, k), fmt) for _, b, k, fmt in depth)])
+        for name, f in modes.items()
+    ]
+    if floor:
+        lines.append(
+            _row([SAMPLING_FLOOR, *(_cell(_get(floor, b, k), fmt) for _, b, k, fmt in depth)])
+        )
+    clips = sorted({f["clips"] for f in modes.values() if f.get("clips") is not None})
+    if clips:
+        lines += ["", f"Over {', '.join(map(str, clips))} {report['settings']['split']} clips."]
+    return lines
+
+
+def _comparison_table(report: dict) -> list[str]:
+    comparisons = report["comparisons"]
+    if not comparisons:
+        return ["No two modes could be compared."]
+    header = [
+        "comparison",
+        "pairs",
+        "a only",
+        "b only",
+        "difference, points",
+        "95% CI",
+        "exact McNemar p",
+        "detectable at 80% power, points",
+        "verdict",
+    ]
+    lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 2) + ["---"])]
+    for c in comparisons:
+        label = f"`{c['a']}` vs `{c['b']}`"
+        if "verdict" not in c:
+            lines.append(_row([label, *["—"] * (len(header) - 2), c["text"]]))
+            continue
+        low, high = c["ci95"]
+        detectable = c["detectable_difference"]
         lines.append(
             _row(
                 [
-                    f"`{name}`",
-                    *(_cell(_get(flops, "parts", part), lambda v: _num(v / 1e9)) for part in parts),
-                    _num(flops["total"] / 1e9),
-                    _cell(achieved, lambda v: _num(v / 1e9)),
-                    _cell(fraction, lambda v: f"{_num(100 * v)}%"),
+                    label,
+                    str(c["pairs"]),
+                    str(c["a_only"]),
+                    str(c["b_only"]),
+                    _points(c["difference"]),
+                    f"[{_points(low)}, {_points(high)}]",
+                    f"{c['p_value']:.3g}",
+                    "none" if detectable is None else f"{100 * detectable:.1f}",
+                    c["verdict"],
                 ]
             )
         )
     return lines
+
+
+def _published_note(report: dict) -> list[str]:
+    """Shortcut against the full multistep: the published-size FLOP ratio beside the measured
+    (tiny) latency ratio."""
+    answer = report["answers"]["shortcut_vs_multistep"]
+    published, speedup = answer.get("published_flops_ratio"), answer.get("speedup")
+    if published is None:
+        return [
+            "Not available: the published-size FLOPs of shortcut or the multistep reference "
+            "were not counted."
+        ]
+    tiny = f"{_num(speedup)}x" if speedup is not None else "not measured"
+    return [
+        f"`{answer['reference']}` needs {_num(published)}x the FLOPs of `shortcut` per control "
+        f"step at the published size (configs/svd-xt.yaml): the latency ratio a GPU user would see "
+        f"when compute bound. The measured latency ratio at the tiny size is {tiny}."
+    ]
 
 
 def _success_table(report: dict) -> list[str]:
@@ -453,6 +691,11 @@ def _success_table(report: dict) -> list[str]:
     return lines
 
 
+def _about(name: str, mode: dict) -> str:
+    kind = f" ({mode['kind']})" if mode.get("kind") else ""
+    return f"- `{name}`{kind}: {mode['about']} (policy `{mode['policy']}`)"
+
+
 def markdown(report: dict) -> str:
     """`report.md` of a completed report (see `complete`)."""
     modes = report["modes"]
@@ -465,21 +708,37 @@ def markdown(report: dict) -> str:
         "",
         headline_table(report),
         "",
-        "Foresight fidelity is against the teacher's full multi-step generation; `n/a`: the mode "
-        "has no foresight, `—`: not measured.",
+        'Foresight is skill against "nothing moves" (repeating the current frame\'s tokens; 0: no '
+        "better than a static world, 1: perfect) under the cache's own noise keys, with fresh noise "
+        "in parentheses; the sampling floor is the teacher's own N-step foresight regenerated with "
+        "fresh noise, the best any foresight can do. `n/a`: the mode has no foresight, `—`: not "
+        "measured.",
         "",
         f"![latency vs fidelity]({LATENCY_FIDELITY_PNG})",
         "",
         "## What each mode is",
         "",
-        *(
-            f"- `{name}`: {mode['about']} (policy `{mode['policy']}`)"
-            for name, mode in modes.items()
-        ),
+        *(_about(name, mode) for name, mode in modes.items()),
         "",
         "## Compute per control step (GFLOP)",
         "",
-        *_flops_table(report),
+        "As measured (tiny model):",
+        "",
+        *_flops_table(report, "flops"),
+        "",
+        "At the published size (configs/svd-xt.yaml, counted on the meta device):",
+        "",
+        *_flops_table(report, "flops_published"),
+        "",
+        "### Latency ratio at the published size",
+        "",
+        *_published_note(report),
+        "",
+        "## Foresight fidelity",
+        "",
+        "Each cell: under the cache's noise (under fresh noise).",
+        "",
+        *_fidelity_tables(report),
         "",
         "## Success per task",
         "",
@@ -492,7 +751,18 @@ def markdown(report: dict) -> str:
     ]
     for answer in report["answers"].values():
         lines += [f"**{answer['question']}** {answer['text']}", ""]
-    lines += ["## Pareto fronts (latency vs each fidelity axis)", ""]
+    lines += [
+        "## Paired comparisons",
+        "",
+        "Every mode runs the same episodes (task, seed, noise key), so success is compared pair by "
+        "pair: a only / b only count the discordant pairs; the interval is Tango's score interval "
+        "for paired proportions, the p-value the exact McNemar test (see `svam.eval.stats`).",
+        "",
+        *_comparison_table(report),
+        "",
+        "## Pareto fronts (latency vs each fidelity axis)",
+        "",
+    ]
     for axis in FIDELITY_AXES:
         front = report["pareto"][axis.key]
         names = " → ".join(f"`{name}`" for name in front) if front else "no mode measured"
@@ -621,12 +891,15 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
 def _scalars(mode: dict) -> dict[str, float]:
     flops = _get(mode, "flops", "total")
+    published = _get(mode, "flops_published", "total")
     values = {
         "latency_ms_median": _get(mode, "latency_ms", "median"),
         "latency_ms_p95": _get(mode, "latency_ms", "p95"),
         "gflop_per_step": None if flops is None else flops / 1e9,
+        "gflop_per_step_published": None if published is None else published / 1e9,
         "peak_fraction": _get(mode, "peak_fraction"),
         **{axis.key: _get(mode, *axis.path) for axis in FIDELITY_AXES},
+        **{f"{axis.key}_fresh": _get(mode, *axis.fresh_path) for axis in FORESIGHT_AXES},
     }
     return {key: float(value) for key, value in values.items() if value is not None}
 
