@@ -422,3 +422,37 @@ def test_refuses_a_cache_without_a_test_split(tmp_path):
     cache = write_cache(tmp_path / "old", samples, drop=("generated",))
     with pytest.raises(ValueError, match=r"holds no test clips .* rebuild it with `svam cache"):
         distill(load_config("tiny", overrides(tmp_path, cache)))
+
+
+def test_fidelity_skill_is_0_for_nothing_moves_and_1_for_the_targets():
+    """Skill against "nothing moves", NMSE of per-channel standardised tokens, centred cosine:
+    a channel of large scale does not dominate, and the component every token shares does not
+    make a poor guess look good."""
+    from distill.fidelity import ForesightFidelity, summarize_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    frames, tokens, dim = 4, 6, 8
+    scale = torch.ones(dim)
+    scale[: dim // 2] = 100.0  # one half of the channels 100x the other (as DA3's two halves)
+    mean = torch.full((dim,), 5.0)  # a component every token shares
+    reference = mean + scale * torch.randn(3, tokens, dim, generator=generator)
+    drift = scale * torch.randn(3, frames, tokens, dim, generator=generator)
+    target = reference[:, None] + drift * torch.linspace(0, 1, frames)[None, :, None, None]
+
+    def scores(guess):
+        metric = ForesightFidelity(frames, mean, scale)
+        metric.update(guess, target, reference)
+        return summarize_tokens({k: v.tolist() for k, v in metric.compute().items()})
+
+    static = reference[:, None].expand_as(target)
+    assert scores(static)["skill"] == pytest.approx(0, abs=1e-9)
+    perfect = scores(target)
+    assert perfect["skill"] == pytest.approx(1) and perfect["nmse"] == pytest.approx(0, abs=1e-9)
+    assert perfect["centred_cosine"] == pytest.approx(1)
+    # the small-scale half exactly right, the large-scale half static: half the error remains
+    half = static.clone()
+    half[..., dim // 2 :] = target[..., dim // 2 :]
+    assert 0.3 < scores(half)["skill"] < 0.7
+    # a guess that is only the shared component: raw cosine high, centred cosine and skill not
+    shared = scores(mean.expand_as(target).clone())
+    assert shared["centred_cosine"] == pytest.approx(0, abs=1e-6) and shared["skill"] < 0
