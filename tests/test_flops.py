@@ -117,14 +117,18 @@ def test_a_step_counts_the_same_on_cpu_and_meta(tiny, frozen, meta_counts, mode)
 
 def test_generation_costs_one_unet_pass_per_step(meta_counts):
     """multistep:K on meta (every UNet pass after the first memoised) grows by one UNet pass per
-    step: partial:0.5 of N = 10 runs 5 steps, so (partial:0.5 - multistep:2) is 3 passes."""
+    step, and partial:F costs the passes of the steps it runs."""
+    from policy.configuration_policy import parse_mode
+
     teacher = {mode: meta_counts(mode)["parts"]["teacher"] for mode in MODES}
-    assert (teacher["partial:0.5"] - teacher["multistep:2"]) % 3 == 0
-    unet = (teacher["partial:0.5"] - teacher["multistep:2"]) // 3
-    assert unet > 0
     long = meta_counts("multistep:20")["parts"]
-    assert long["teacher"] == teacher["multistep:2"] + 18 * unet
+    assert (long["teacher"] - teacher["multistep:2"]) % 18 == 0
+    unet = (long["teacher"] - teacher["multistep:2"]) // 18
+    assert unet > 0
     assert long["encoders"] == meta_counts("multistep:2")["parts"]["encoders"]
+    full = load_config("tiny").teacher.num_inference_steps
+    _, steps = parse_mode("partial:0.5").sampling(full)
+    assert teacher["partial:0.5"] == teacher["multistep:2"] + (steps - 2) * unet
 
 
 def test_published_step_flops():
