@@ -13,3 +13,9 @@ def keyed_generator(*parts: object) -> torch.Generator:
     """A CPU generator seeded by sha256 of the parts joined with '/' (e.g. run seed, clip key)."""
     digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def clip_noise(run_seed: int, clip_key: str) -> torch.Generator:
+    """The generator `svam cache-teachers` draws a clip's N-step sampling noise from; `svam eval`
+    draws the same noise to regenerate the cached targets exactly."""
+    return keyed_generator(run_seed, clip_key)

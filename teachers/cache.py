@@ -41,7 +41,7 @@ from svam.data.shards import (
     write_json_atomic,
 )
 from svam.rundir import RunDir
-from svam.seeding import keyed_generator
+from svam.seeding import clip_noise, keyed_generator
 from teachers.encoders import build_encoders
 from teachers.modeling_teacher import read_teacher_record
 from teachers.pipeline_teacher import TeacherPipeline
@@ -274,7 +274,7 @@ class TeacherCacheJob:
         output = self.pipeline(
             current,
             [m["instruction"] for m in metas],
-            generator=[keyed_generator(self.config.run.seed, c.key) for c in clips],
+            generator=[clip_noise(self.config.run.seed, c.key) for c in clips],
             num_inference_steps=self.steps,
             return_features=self.config.cache.keep_onestep,
             decode=True,

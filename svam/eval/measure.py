@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from distill.fidelity import (
 )
 from policy.modeling_policy import BRANCHES, ShortcutPolicy
 from svam.data.teacher_cache import CURRENT
-from svam.seeding import keyed_generator
+from svam.seeding import clip_noise, keyed_generator
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def noise_generators(run_seed: int, keys: list[str], noise: str) -> list[torch.G
     targets with (`teachers.cache`), so `multistep:N` regenerates them; `fresh_noise`: another
     one per clip, the same for every mode."""
     if noise == "cache_noise":
-        return [keyed_generator(run_seed, key) for key in keys]
+        return [clip_noise(run_seed, key) for key in keys]
     if noise == "fresh_noise":
         return [keyed_generator(run_seed, "eval-fresh-noise", key) for key in keys]
     raise ValueError(f"noise must be one of {NOISES}, got '{noise}'")
@@ -138,7 +138,6 @@ class FidelityReference:
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]]
     probes: dict[str, DepthProbe]
     encoder: Any = None
-    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def load(
@@ -154,19 +153,15 @@ class FidelityReference:
                 f"{path}: no {', '.join(missing)} (made by an older svam: rerun `svam distill`)"
             )
         moments = {b: (saved[f"{b}.mean"], saved[f"{b}.std"]) for b in BRANCHES}
-        probes, notes = {}, []
+        probes = {}
         available = {
             "teacher": ("depth", encoder is not None and has("generated")),
             "world": ("world_depth", has("depth")),
         }
         for truth, (name, usable) in available.items():
-            if f"{name}.weight" not in saved or not usable:
-                notes.append(
-                    f"no depth against the {truth}: {saved.get('depth_note') or 'not fitted'}"
-                )
-                continue
-            probes[truth] = DepthProbe(saved[f"{name}.weight"], saved[f"{name}.bias"], grid)
-        return cls(moments, probes, encoder if "teacher" in probes else None, notes)
+            if f"{name}.weight" in saved and usable:
+                probes[truth] = DepthProbe(saved[f"{name}.weight"], saved[f"{name}.bias"], grid)
+        return cls(moments, probes, encoder if "teacher" in probes else None)
 
     @property
     def arrays(self) -> list[str]:
