@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for svam: MuJoCo's EGL libraries (Debian), a virtualenv, torch, and svam.
+# Set up a fresh machine for svam: MuJoCo's EGL libraries (Debian), a virtualenv, the locked
+# dependencies (requirements.lock) and svam.
 # Usage: scripts/install.sh [VENV_DIR]   (the Makefile calls it once; it is safe to re-run)
 set -euo pipefail
 venv=${1:-.venv}
@@ -21,29 +22,30 @@ fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip="$venv/bin/pip --disable-pip-version-check -q"
 
-# 3. torch + torchvision: a pair known to work together with timm on this architecture.
-#    (PyPI's torchvision does not import beside a CPU-only torch here; see shared DESIGN.md.)
-case "$(uname -m)" in
-  aarch64|arm64) torch_pair="torch==2.9.1 torchvision==0.24.1" ;;
-  *) torch_pair="torch==2.14.1 torchvision==0.29.1" ;;
-esac
-$pip install $torch_pair 2> >(grep -v "^WARNING: Location" >&2)
-
-# 4. svam's dependencies from pyproject.toml. depth-anything-3 (and evo, which its API imports)
-#    are installed without their declared dependencies, which pull in xformers, open3d, gradio and
-#    more that svam never uses; what depth_anything_3.api really imports is listed in pyproject.
-requirements=$(mktemp)
-trap 'rm -f "$requirements"' EXIT
-"$venv/bin/python" - "$requirements" <<'PY'
-import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-no_deps = ("depth-anything-3", "evo")
-deps = project["dependencies"] + project["optional-dependencies"]["dev"]
-open(sys.argv[1], "w").write("\n".join(d for d in deps if not d.startswith(no_deps)) + "\n")
-PY
-$pip install -r "$requirements" 2> >(grep -v "^WARNING: Location" >&2)
-$pip install --no-deps "depth-anything-3==0.1.1" "evo==1.38.1" 2> >(grep -v "^WARNING: Location" >&2)
-$pip install --no-deps -e . 2> >(grep -v "^WARNING: Location" >&2)
+# 3. uv, a fast installer (pinned), then every package at the version requirements.lock pins
+#    (scripts/lock.sh re-resolves it from pyproject.toml): a fresh clone installs what was tested,
+#    whatever has been released since.
+$pip install "uv==0.13.9" 2> >(grep -v "^WARNING: Location" >&2)
+uv="$venv/bin/uv"
+# uv does not read pip's configuration: hand it this machine's package mirrors, if any (pip merges
+# every index, so uv looks at all of them too).
+for key in index-url extra-index-url find-links; do
+  value=$("$venv/bin/pip" config get "global.$key" 2>/dev/null || true)
+  [ -z "$value" ] && continue
+  case $key in
+    index-url) export UV_DEFAULT_INDEX=$value ;;
+    extra-index-url) export UV_INDEX=$value UV_INDEX_STRATEGY=unsafe-best-match ;;
+    find-links) export UV_FIND_LINKS=${value// /,} ;;
+  esac
+done
+export UV_LINK_MODE=copy  # the cache and the virtualenv may sit on different filesystems
+install="$uv pip install --quiet --python $venv/bin/python"
+$install -r requirements.lock
+# depth-anything-3 (and evo, which its API imports) without their declared dependencies, which
+# pull in xformers, open3d, gradio and more that svam never uses; what depth_anything_3.api really
+# imports is listed in pyproject.toml.
+$install --no-deps "depth-anything-3==0.1.1" "evo==1.38.1"
+$install --no-deps -e .
 "$venv/bin/python" -c "import svam, teachers, distill, policy, depth_anything_3.api, metaworld, timm, diffusers" >/dev/null 2>&1 \
   || { echo "install: the environment in $venv does not import; see the pip output above" >&2; exit 1; }
 echo "install: ready ($venv)"

@@ -273,7 +273,7 @@ def test_overlapping_counts_are_inconclusive_with_their_interval():
     assert multistep["foresight_gap"]["semantic_skill"] == pytest.approx(-0.05)
 
 
-def test_blind_matching_the_vision_modes_means_no_vision_needed():
+def test_blind_matching_the_vision_modes_gives_no_evidence_vision_is_needed():
     report = make_report(
         mode_entry("onestep", 20, 10.0),
         mode_entry("shortcut", 22, 10.5, 0.9),
@@ -284,6 +284,8 @@ def test_blind_matching_the_vision_modes_means_no_vision_needed():
     assert list(answer["comparisons"]) == ["onestep", "shortcut"]
     assert answer["text"].lower().startswith(NO_VISION)
     assert answer["text"].count("could detect a difference of") == 2
+    largest = max(c["detectable_difference"] for c in answer["comparisons"].values())
+    assert f"a gain under {100 * largest:.1f} points would go undetected" in answer["text"]
 
     report["modes"]["blind"] = mode_entry("blind", 4, 5.0)[1]
     answer = complete(report)["answers"]["vision_matters"]

@@ -35,7 +35,10 @@ SUCCESS_PER_TASK_PNG = "success_per_task.png"
 BLIND = "blind"
 NO_FORESIGHT_KINDS = ("onestep", "blind")
 SAMPLING_FLOOR = "sampling floor (teacher, fresh noise)"
-NO_VISION = "the tasks, as evaluated, do not need vision: no foresight mode beats the blind policy"
+NO_VISION = (
+    "no vision mode beats the blind policy on these episodes: this run gives no evidence that the "
+    "tasks need vision"
+)
 
 
 @dataclass(frozen=True)
@@ -387,7 +390,13 @@ def _vision_matters(report: dict) -> dict:
         names = ", ".join(beat)
         lead = f"Yes: {names} beat{'s' if len(beat) == 1 else ''} the blind policy."
     else:
-        lead = f"{NO_VISION[0].upper()}{NO_VISION[1:]}."
+        detectable = [c["detectable_difference"] for c in compared.values()]
+        undetected = (
+            f" (a gain under {100 * max(detectable):.1f} points would go undetected at 80% power)"
+            if None not in detectable
+            else " (this run has too few pairs to detect any gain at 80% power)"
+        )
+        lead = f"{NO_VISION[0].upper()}{NO_VISION[1:]}{undetected}."
     return {
         "question": question,
         "needs_vision": bool(beat),
