@@ -33,7 +33,6 @@ import json
 import math
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 from torchmetrics.aggregation import SumMetric
@@ -66,7 +65,6 @@ from distill.fidelity import (
     summarize_tokens,
 )
 from distill.modeling_decoupler import Decoupler, build_decouplers
-from svam.checkpoints import CheckpointDir
 from svam.config import Config, config_hash, to_dict
 from svam.data.episodes import SPLITS
 from svam.data.teacher_cache import (
@@ -82,6 +80,7 @@ from svam.data.teacher_cache import (
 )
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
+from svam.training import LoopSettings, TrainingLoop, TrainingStage
 
 RECORD_NAME = "distill.json"
 BASELINES_NAME = "baselines.pt"
@@ -264,15 +263,16 @@ def _means(result: dict[str, list[float]]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ trainer
 
 
-class Distiller:
-    """One `svam distill` run; `train` returns the output directory."""
+class Distiller(TrainingStage):
+    """One `svam distill` run on the one training loop; `train` returns the output directory."""
+
+    name = "distill"
+    section = "distill"
+    error = DistillError
 
     def __init__(self, config: Config, paths: DistillPaths):
         config.distill.validate()
         self.config, self.args, self.paths = config, config.distill, paths
-        self.checkpoints = CheckpointDir(
-            paths.work / "checkpoints", self.args.checkpoints_total_limit
-        )
         self.cache = TeacherCache.open(paths.cache)
         for split in SPLITS:
             if not self.cache.members(split):
@@ -286,15 +286,37 @@ class Distiller:
         self.loader_settings = loader_settings(config.distill, config.data)
         self.feature_array = "onestep" if self.mode == CACHED else CURRENT
         self.teacher_pipeline = None
-        self.history: list[float] = []
-        """Training loss of every optimizer step this process ran."""
-        self.metrics: dict[str, dict[int, float]] = {}
-        """Every logged scalar by name and step (main process)."""
-        self.timing: dict[str, float] = defaultdict(float)
-        """Seconds spent waiting for batches (data), computing features, and in training steps."""
-        resume = self.args.resume
-        if resume not in (None, "latest") and not Path(resume).is_dir():
-            raise DistillError(f"distill.resume: no checkpoint directory {resume}")
+        self.best = {name: {"score": None, "step": None} for name in BRANCHES}
+        processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+        self.total_steps = self._total_steps(processes)
+        self.training = TrainingLoop(
+            self,
+            LoopSettings.of(self.args, steps=self.total_steps),
+            work_dir=paths.work,
+            output_dir=paths.output,
+            tb_dir=RunDir.from_config(config).tb / "distill",
+        )
+
+    def train(self) -> Path:
+        return self.training.run()
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.loop.accelerator
+
+    @property
+    def device(self) -> torch.device:
+        return self.loop.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.loop.is_main
+
+    @property
+    def timing(self) -> dict[str, float]:
+        """Seconds spent waiting for batches ('data'), in training steps ('step') and, within
+        them, computing one-step features ('features')."""
+        return self.loop.timing
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -515,117 +537,48 @@ class Distiller:
 
     # -------------------------------------------------------------------------------- run
 
-    def train(self) -> Path:
-        args = self.args
-        accelerator = Accelerator(
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            cpu=not torch.cuda.is_available(),
-        )
-        self.accelerator, self.device = accelerator, accelerator.device
-        self.is_main = accelerator.is_main_process
+    # ---------------------------------------------------------------------- the loop's stage
+
+    def setup(self) -> None:
         set_seed(self.config.run.seed, device_specific=True)
         if self.is_main:
             RunDir.from_config(self.config).save_config(self.config, "distill")
-            self.paths.work.mkdir(parents=True, exist_ok=True)
             for stale in self.paths.work.glob("*/*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
         if self.mode == ON_THE_FLY:
             self._load_teacher()
         features, source = self._feature_shape()
         self.decouplers = resolve_decouplers(
-            self.config.decouplers, self.cache, features, source, args.dims_from_cache
+            self.config.decouplers, self.cache, features, source, self.args.dims_from_cache
         )
         self.frames = self.decouplers.semantic.num_frames
-        self.total_steps = self._total_steps()
         self._announce(features)
-        self.writer = None
-        if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(RunDir.from_config(self.config).tb / "distill"))
         self._baselines()
 
+    def build(self) -> DecouplerPair:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.run.seed)
-            model = DecouplerPair(build_decouplers(self.decouplers)).train()
-        from diffusers.optimization import get_scheduler
+            return DecouplerPair(build_decouplers(self.decouplers)).to(self.device).train()
 
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
-        )
-        # accelerate steps a prepared LR scheduler once per process per optimizer step.
-        lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            optimizer,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=self.total_steps * accelerator.num_processes,
-        )
-        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
-            model, optimizer, lr_scheduler
-        )
-        step, micro_step = self._resume()
-        stream = iter(
+    def stream(self, consumed: int):
+        arrays = [*TARGETS, self.feature_array]
+        buffer = self.loader_settings["shuffle_buffer"]
+        return iter(
             self._loader(
                 "train",
-                [*TARGETS, self.feature_array],
+                arrays,
                 shuffle=True,
-                shuffle_buffer=self.loader_settings["shuffle_buffer"],
+                shuffle_buffer=buffer,
                 repeat=True,
+                skip_batches=consumed,
             )
         )
-        for _ in range(micro_step):  # the batches the checkpoint had already consumed
-            next(stream)
-        progress = tqdm(
-            total=self.total_steps,
-            initial=step,
-            desc="distill",
-            unit="step",
-            disable=not self.is_main,
-        )
-        window: dict[str, list[float]] = defaultdict(list)
-        tick, clips, waited = time.perf_counter(), 0, 0.0
-        while step < self.total_steps:
-            start = time.perf_counter()
-            batch = next(stream)
-            waited += time.perf_counter() - start
-            self.timing["data"] += time.perf_counter() - start
-            for name, value in self._micro_step(batch).items():
-                window[name].append(value)
-            micro_step += 1
-            clips += len(batch["key"])
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            accumulated = window["train/loss"][-args.gradient_accumulation_steps :]
-            self.history.append(sum(accumulated) / len(accumulated))
-            progress.update(1)
-            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
-            last = step == self.total_steps
-            if step % args.log_every == 0 or last:
-                elapsed = time.perf_counter() - tick
-                scalars = {name: sum(v) / len(v) for name, v in window.items()}
-                scalars["train/lr"] = self.lr_scheduler.get_last_lr()[0]
-                scalars["train/clips_per_s"] = clips * accelerator.num_processes / elapsed
-                scalars["train/data_wait_fraction"] = waited / elapsed
-                self._log(step, scalars)
-            if step % args.eval_every == 0 or last:
-                self._validate(step)
-            if step % args.checkpoint_every == 0 or last:
-                self._save_checkpoint(step, micro_step)
-            if step % args.log_every == 0 or last:  # throughput windows leave eval time out
-                window.clear()
-                tick, clips, waited = time.perf_counter(), 0, 0.0
-        progress.close()
-        return self._finish(step)
 
-    def _total_steps(self) -> int:
+    def _total_steps(self, processes: int) -> int:
         args = self.args
         if args.epochs is None:
             return args.steps
-        per_step = (
-            args.batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
-        )
+        per_step = args.batch_size * args.gradient_accumulation_steps * processes
         return max(1, math.ceil(args.epochs * len(self.cache.members("train")) / per_step))
 
     def _announce(self, features: tuple[int, int]) -> None:
@@ -664,33 +617,14 @@ class Distiller:
             total = total + args.mse_weight * nmse + args.cosine_weight * (1 - cosine)
             parts[f"train/{name}/nmse"] = nmse.item()
             parts[f"train/{name}/cosine"] = cosine.item()
-        parts["train/loss"] = total.item()
         return total, parts
 
-    def _micro_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        accelerator = self.accelerator
+    def loss(self, model, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict]:
         features = self._features(batch)
-        start = time.perf_counter()
         targets, references = self._targets(batch)
-        with accelerator.accumulate(self.model):
-            with accelerator.autocast():
-                preds = self.model(features, references)
-            loss, parts = self._loss(preds, targets)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and self.args.max_grad_norm:
-                accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.timing["step"] += time.perf_counter() - start
-        return parts
-
-    def _log(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.is_main:
-            return
-        for name, value in scalars.items():
-            self.metrics.setdefault(name, {})[step] = value
-            self.writer.add_scalar(name, value, step)
+        with self.accelerator.autocast():
+            preds = model(features, references)
+        return self._loss(preds, targets)
 
     # --------------------------------------------------------------------------- evaluation
 
@@ -775,9 +709,9 @@ class Distiller:
             }
         return results
 
-    def _validate(self, step: int) -> None:
+    def validate(self, model: DecouplerPair, step: int) -> dict[str, float]:
         """Validation fidelity of the current weights; keep each branch's best decoupler."""
-        models = dict(self.accelerator.unwrap_model(self.model).branches.items())
+        models = dict(model.branches.items())
         for model in models.values():
             model.eval()
         results = self._evaluate(models, self.args.eval_clips, final=False)
@@ -799,60 +733,32 @@ class Distiller:
                 self.best[name] = {"score": score, "step": step}
                 if self.is_main:
                     _save_atomic(models[name], self.paths.work / "best" / name)
-        self._log(step, scalars)
         self.accelerator.wait_for_everyone()
+        return scalars
 
     # -------------------------------------------------------------------------- checkpoints
 
-    def _state_record(self, step: int, micro_step: int) -> dict[str, Any]:
+    def resume_record(self) -> dict[str, Any]:
         return {
-            "step": step,
-            "micro_step": micro_step,
-            "best": self.best,
             "decouplers": to_dict(self.decouplers),
             "cache": hashlib.sha256(self.cache.manifest_path.read_bytes()).hexdigest(),
             "onestep": self.mode,
-            "num_processes": self.accelerator.num_processes,
             "batch_size": self.args.batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
             "seed": self.config.run.seed,
             **self.loader_settings,
         }
 
-    def _save_checkpoint(self, step: int, micro_step: int) -> None:
-        self.checkpoints.save(self.accelerator, step, self._state_record(step, micro_step))
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best}
 
-    def _resume(self) -> tuple[int, int]:
-        """Load the checkpoint `distill.resume` names; (step, micro step) to go on from."""
-        self.best = {name: {"score": None, "step": None} for name in BRANCHES}
-        try:
-            found = self.checkpoints.to_resume(self.args.resume)
-        except FileNotFoundError as exc:
-            raise DistillError(str(exc)) from exc
-        if found is None:
-            return 0, 0
-        path, state = found
-        expected = self._state_record(state["step"], state["micro_step"])
-        for key, value in expected.items():
-            if key not in ("step", "micro_step", "best") and state.get(key) != value:
-                shown = "a different config" if key == "decouplers" else state.get(key)
-                now = "this one" if key == "decouplers" else value
-                raise DistillError(
-                    f"{path}: written with {key}={shown}, this run has {now}; set "
-                    "distill.resume=null (or another distill.output_dir) to start over"
-                )
-        self.accelerator.load_state(str(path))
+    def load_state(self, state: dict[str, Any]) -> None:
         self.best = state["best"]
-        if self.is_main:
-            tqdm.write(f"distill: resumed from {path} (step {state['step']})")
-        return state["step"], state["micro_step"]
 
-    # ------------------------------------------------------------------------------- finish
+    # ------------------------------------------------------------------------------- export
 
-    def _finish(self, step: int) -> Path:
+    def export(self, model: DecouplerPair, step: int, into: Path) -> None:
         """Evaluate the best decouplers against the baselines; write the output directory."""
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
         best_dir = self.paths.work / "best"
         models = {
             name: Decoupler.from_pretrained(best_dir / name, device=self.device).eval()
@@ -861,13 +767,10 @@ class Distiller:
         results = self._evaluate(models, None, final=True)
         if self.is_main:
             report = self._report(results, step)
-            self._write_output(report)
+            self._write_output(report, into)
             self._log_report(report)
             tqdm.write(markdown(report))
             tqdm.write(f"distill: decouplers and fidelity report -> {self.paths.output}")
-            self.writer.close()
-        accelerator.wait_for_everyone()
-        return self.paths.output
 
     def _report(self, results: dict, step: int) -> dict:
         report = {
@@ -916,11 +819,7 @@ class Distiller:
                 )
         return report
 
-    def _write_output(self, report: dict) -> None:
-        output = self.paths.output
-        tmp = output.with_name(output.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def _write_output(self, report: dict, tmp: Path) -> None:
         for name in BRANCHES:
             shutil.copytree(self.paths.work / "best" / name, tmp / name)
         (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -935,8 +834,6 @@ class Distiller:
             "encoders": {name: cfg.encoder for name, cfg in self.decouplers.branches().items()},
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        shutil.rmtree(output, ignore_errors=True)
-        tmp.rename(output)
 
     def _log_report(self, report: dict) -> None:
         """Fidelity as tensorboard scalars over the frame index (the horizon is the x axis)."""
@@ -952,7 +849,7 @@ class Distiller:
         for tag, per_frame in curves.items():
             for metric, values in per_frame.items():
                 for t, value in enumerate(values):
-                    self.writer.add_scalar(tag.format(metric=metric), value, t)
+                    self.loop.tensorboard.add_scalar(tag.format(metric=metric), value, t)
 
 
 # ---------------------------------------------------------------------------------- the stage

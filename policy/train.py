@@ -32,14 +32,11 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -58,7 +55,6 @@ from policy.modeling_policy import (
     file_fingerprint,
     save_policy,
 )
-from svam.checkpoints import CheckpointDir
 from svam.config import Config, config_hash, to_dict
 from svam.data.teacher_cache import (
     CACHED,
@@ -71,6 +67,7 @@ from svam.data.teacher_cache import (
 )
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
+from svam.training import LoopSettings, TrainingLoop, TrainingStage
 
 RECORD_NAME = "train_policy.json"
 NOT_IN_KEY = (
@@ -244,8 +241,11 @@ def models_for(
 # ------------------------------------------------------------------------------------ trainer
 
 
-class PolicyTrainer:
-    """One `svam train-policy` run; `train` returns the policy directory."""
+class PolicyTrainer(TrainingStage):
+    """One `svam train-policy` run on the one training loop; `train` returns the policy dir."""
+
+    section = "train_policy"
+    error = PolicyTrainError
 
     def __init__(self, config: Config, paths: PolicyPaths):
         try:
@@ -253,10 +253,8 @@ class PolicyTrainer:
         except ValueError as exc:
             raise PolicyTrainError(str(exc)) from exc
         self.config, self.args, self.paths = config, config.train_policy, paths
-        self.checkpoints = CheckpointDir(
-            paths.work / "checkpoints", self.args.checkpoints_total_limit
-        )
         self.mode = self.args.mode
+        self.name = f"train-policy ({self.mode})"
         self.cache = TeacherCache.open(paths.cache)
         self.source = policy_onestep_source(config, self.cache)  # None: blind
         if self.mode == "shortcut":
@@ -268,11 +266,20 @@ class PolicyTrainer:
                     )
         self.key = training_key(config, self.cache, self.source, paths)
         self.loader_settings = loader_settings(config.train_policy, config.data)
-        self.history: list[float] = []
-        self.metrics: dict[str, dict[int, float]] = {}
-        resume = self.args.resume
-        if resume not in (None, "latest") and not Path(resume).is_dir():
-            raise PolicyTrainError(f"train_policy.resume: no checkpoint directory {resume}")
+        self.training = TrainingLoop(
+            self,
+            LoopSettings.of(self.args),
+            work_dir=paths.work,
+            output_dir=paths.output,
+            tb_dir=RunDir.from_config(config).tb / "policy" / mode_dirname(self.mode),
+        )
+
+    def train(self) -> Path:
+        return self.training.run()
+
+    @property
+    def device(self) -> torch.device:
+        return self.loop.device
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -433,112 +440,36 @@ class PolicyTrainer:
         if net.state_normalizer is not None:
             net.state_normalizer.fit(b["state"][:, 0] for b in batches)
 
-    # -------------------------------------------------------------------------------- run
+    # -------------------------------------------------------------------- the loop's stage
 
-    def train(self) -> Path:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-
-        args = self.args
-        accelerator = Accelerator(
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            cpu=not torch.cuda.is_available(),
-        )
-        self.accelerator, self.device = accelerator, accelerator.device
-        self.is_main = accelerator.is_main_process
+    def setup(self) -> None:
         set_seed(self.config.run.seed, device_specific=True)
-        if self.is_main:
+        if self.loop.is_main:
             RunDir.from_config(self.config).save_config(self.config, "train-policy")
-            self.paths.work.mkdir(parents=True, exist_ok=True)
         self._load_frozen()
         self.text_cache: dict[str, torch.Tensor] = {}
         self.policy_config = self._policy_config()
-        self.total_steps = args.steps
-        self.writer = None
-        if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = RunDir.from_config(self.config).tb / "policy" / mode_dirname(self.mode)
-            self.writer = SummaryWriter(str(tb))
+        if self.loop.is_main:
             self._announce()
 
+    def build(self) -> PolicyNet:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.run.seed)
             net = PolicyNet(self.policy_config).to(self.device)
         self._fit_normalizers(net)
-        net.train()
-        optimizer = torch.optim.AdamW(
-            net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
-        )
-        lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            optimizer,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=self.total_steps * accelerator.num_processes,
-        )
-        self.ema = None
-        if args.use_ema:
-            self.ema = EMAModel(
-                net.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3
-            )
-            self.ema.to(self.device)
-            accelerator.register_for_checkpointing(self.ema)
-        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
-            net, optimizer, lr_scheduler
-        )
-        step, micro_step = self._resume()
-        stream = iter(
+        return net.train()
+
+    def stream(self, consumed: int):
+        return iter(
             self._loader(
                 "train",
                 self._arrays(),
                 shuffle=True,
                 shuffle_buffer=self.loader_settings["shuffle_buffer"],
                 repeat=True,
+                skip_batches=consumed,
             )
         )
-        for _ in range(micro_step):
-            next(stream)
-        progress = tqdm(
-            total=self.total_steps,
-            initial=step,
-            desc=f"train-policy ({self.mode})",
-            unit="step",
-            disable=not self.is_main,
-        )
-        window: list[float] = []
-        tick, clips = time.perf_counter(), 0
-        while step < self.total_steps:
-            batch = next(stream)
-            window.append(self._micro_step(batch, micro_step))
-            micro_step += 1
-            clips += len(batch["key"])
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            if self.ema is not None:
-                self.ema.step(accelerator.unwrap_model(self.model).parameters())
-            accumulated = window[-args.gradient_accumulation_steps :]
-            self.history.append(sum(accumulated) / len(accumulated))
-            progress.update(1)
-            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
-            last = step == self.total_steps
-            if step % args.log_every == 0 or last:
-                elapsed = time.perf_counter() - tick
-                self._log(
-                    step,
-                    {
-                        "train/loss": sum(window) / len(window),
-                        "train/lr": self.lr_scheduler.get_last_lr()[0],
-                        "train/clips_per_s": clips * accelerator.num_processes / elapsed,
-                    },
-                )
-                window.clear()
-                tick, clips = time.perf_counter(), 0
-            if step % args.checkpoint_every == 0 or last:
-                self._save_checkpoint(step, micro_step)
-        progress.close()
-        return self._finish(step)
 
     def _announce(self) -> None:
         cfg = self.policy_config.models
@@ -554,72 +485,23 @@ class PolicyTrainer:
             f"train-policy: mode {self.mode}; {reads}; chunks "
             f"{cfg.action_head.horizon}x{cfg.action_head.action_dim}\n"
             f"train-policy: {counts['train']} train / {counts['val']} val clips; "
-            f"{self.total_steps} steps of {self.args.batch_size} clips x "
-            f"{self.accelerator.num_processes} process(es)"
+            f"{self.args.steps} steps of {self.args.batch_size} clips x "
+            f"{self.loop.accelerator.num_processes} process(es)"
         )
 
-    def _micro_step(self, batch: dict[str, Any], micro_step: int) -> float:
-        """One forward/backward; the diffusion noise and timesteps come from a generator seeded
-        by (run seed, process, micro step), so a resumed run draws what the uninterrupted one
-        did (the global RNG is also drawn from by the loader when its iterator is made)."""
-        accelerator = self.accelerator
-        inputs = self._inputs(batch)
+    def loss(self, model, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict]:
+        """The diffusion noise and timesteps come from a generator seeded by (run seed, process,
+        micro step), so a resumed run draws what the uninterrupted one did."""
         generator = torch.Generator().manual_seed(
-            (self.config.run.seed * 1_000_003 + accelerator.process_index) * 1_000_000_007
+            (self.config.run.seed * 1_000_003 + self.loop.accelerator.process_index) * 1_000_000_007
             + micro_step
         )
-        with accelerator.accumulate(self.model):
-            with accelerator.autocast():
-                loss = self.model(*inputs, generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and self.args.max_grad_norm:
-                accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        inputs = self._inputs(batch)
+        with self.loop.accelerator.autocast():
+            return model(*inputs, generator), {}
 
-    def _log(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.is_main:
-            return
-        for name, value in scalars.items():
-            self.metrics.setdefault(name, {})[step] = value
-            self.writer.add_scalar(name, value, step)
-
-    # -------------------------------------------------------------------------- checkpoints
-
-    def _state_record(self, step: int, micro_step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "micro_step": micro_step,
-            "key": self.key,
-            "num_processes": self.accelerator.num_processes,
-            "history": self.history,
-        }
-
-    def _save_checkpoint(self, step: int, micro_step: int) -> None:
-        self.checkpoints.save(self.accelerator, step, self._state_record(step, micro_step))
-
-    def _resume(self) -> tuple[int, int]:
-        try:
-            found = self.checkpoints.to_resume(self.args.resume)
-        except FileNotFoundError as exc:
-            raise PolicyTrainError(str(exc)) from exc
-        if found is None:
-            return 0, 0
-        path, state = found
-        for key in ("key", "num_processes"):
-            expected = self._state_record(0, 0)[key]
-            if state.get(key) != expected:
-                raise PolicyTrainError(
-                    f"{path}: written with {key}={state.get(key)}, this run has {expected}; set "
-                    "train_policy.resume=null (or another train_policy.output_dir) to start over"
-                )
-        self.accelerator.load_state(str(path))
-        self.history = list(state["history"])
-        if self.is_main:
-            tqdm.write(f"train-policy: resumed from {path} (step {state['step']})")
-        return state["step"], state["micro_step"]
+    def resume_record(self) -> dict[str, Any]:
+        return {"key": self.key}
 
     # ------------------------------------------------------------------------------- finish
 
@@ -645,39 +527,29 @@ class PolicyTrainer:
             clips += count
         return {f"val/{k}": v / max(clips, 1) for k, v in sums.items()} | {"val/clips": clips}
 
-    def _finish(self, step: int) -> Path:
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        net = accelerator.unwrap_model(self.model)
-        if self.ema is not None:
-            self.ema.copy_to(net.parameters())
+    def export(self, net: PolicyNet, step: int, into: Path) -> None:
         results = self._validate(net)
-        if self.is_main:
-            self._log(step, results)
-            output = self.paths.output
-            tmp = output.with_name(output.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_policy(tmp, self.policy_config, net)
-            record = {
-                "key": self.key,
-                "mode": self.mode,
-                "steps": step,
-                "onestep": self.source,  # None: blind reads no one-step features
-                "ema": self.ema is not None,
-                "cache": str(self.cache.root),
-                "final_train_loss": self.history[-1] if self.history else None,
-                **{k.replace("/", "_"): v for k, v in results.items()},
-            }
-            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            shutil.rmtree(output, ignore_errors=True)
-            tmp.rename(output)
-            tqdm.write(
-                f"train-policy: {self.mode} policy -> {output} (val loss {results['val/loss']:.4f}, "
-                f"action MSE {results['val/action_mse']:.4g} on {results['val/clips']} clips)"
-            )
-            self.writer.close()
-        accelerator.wait_for_everyone()
-        return self.paths.output
+        self.loop.log(step, results)
+        if not self.loop.is_main:
+            return
+        save_policy(into, self.policy_config, net)
+        history = self.loop.history
+        record = {
+            "key": self.key,
+            "mode": self.mode,
+            "steps": step,
+            "onestep": self.source,  # None: blind reads no one-step features
+            "ema": self.args.use_ema,
+            "cache": str(self.cache.root),
+            "final_train_loss": history[-1] if history else None,
+            **{k.replace("/", "_"): v for k, v in results.items()},
+        }
+        (into / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        tqdm.write(
+            f"train-policy: {self.mode} policy -> {self.paths.output} (val loss "
+            f"{results['val/loss']:.4f}, action MSE {results['val/action_mse']:.4g} on "
+            f"{results['val/clips']} clips)"
+        )
 
 
 def train_policy(config: Config, out_dir: str | Path | None = None) -> Path:

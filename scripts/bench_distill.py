@@ -193,12 +193,13 @@ def throughput(config: Config, overrides: list[str], cache: Path, steps: int, wo
         distiller = Distiller(run, distill_paths(run))
         distiller.train()
         timing = distiller.timing
-        loop = sum(timing.values())
+        train_step = timing["step"] - timing["features"]  # the loop's steps include features
+        loop = timing["data"] + timing["step"]
         print(
             f"  training, {workers} loader workers: {steps * batch / loop:7.1f} clips/s "
             f"({steps} steps: waiting for data {100 * timing['data'] / loop:.0f}%, features "
             f"to device {100 * timing['features'] / loop:.0f}%, training step "
-            f"{100 * timing['step'] / loop:.0f}%); step alone {steps * batch / timing['step']:.1f} "
+            f"{100 * train_step / loop:.0f}%); step alone {steps * batch / train_step:.1f} "
             "clips/s"
         )
 

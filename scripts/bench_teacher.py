@@ -142,7 +142,7 @@ def bench_training(config: Config, steps: int, log_every: int, distinct_clips: i
     with tempfile.TemporaryDirectory() as tmp:
         trainer = TeacherTrainer(
             config,
-            train_stream=lambda: synthetic_stream(config, distinct_clips),
+            train_stream=lambda skip_batches: synthetic_stream(config, distinct_clips),
             eval_batches=lambda: [next(synthetic_stream(config, distinct_clips))],
             output_dir=Path(tmp) / "teacher",
         )

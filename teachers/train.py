@@ -19,26 +19,23 @@ import hashlib
 import itertools
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from diffusers import AutoencoderKLTemporalDecoder
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
-from svam.checkpoints import CheckpointDir, replace_dir
+from svam.checkpoints import replace_dir
 from svam.config import Config, to_dict
 from svam.rundir import RunDir
+from svam.training import LoopSettings, TrainingLoop, TrainingStage
 from teachers.modeling_teacher import (
     VideoTeacher,
     behaviour_config,
@@ -104,21 +101,26 @@ def clip_grid(rows: list[tuple[str, torch.Tensor]], pad: int = 2) -> np.ndarray:
     return np.asarray(image)
 
 
-class TeacherTrainer:
-    """One training run of the teacher.
+class TeacherTrainer(TrainingStage):
+    """One training run of the teacher, on the one training loop.
 
-    train_stream: returns a fresh, deterministic, endless iterator of clip batches (the format of
-        `svam.data.episodes.clip_loader`); called once per phase and on resume, where the
-        batches already consumed are skipped.
+    train_stream: `train_stream(skip_batches)` returns a fresh, deterministic, endless iterator of
+        clip batches (the format of `svam.data.episodes.clip_loader`) that starts after its first
+        `skip_batches` batches; called once per phase and on resume.
     eval_batches: returns the fixed clip batches used for the validation loss and sample grids.
     training_key: recorded in the teacher directory; `is_trained` compares it.
     """
+
+    name = "train-teacher"
+    section = "train_teacher"
+    error = TeacherTrainError
+    validate_at_start = True
 
     def __init__(
         self,
         config: Config,
         *,
-        train_stream: Callable[[], Iterator[dict[str, Any]]],
+        train_stream: Callable[[int], Iterator[dict[str, Any]]],
         eval_batches: Callable[[], list[dict[str, Any]]],
         output_dir: str | Path,
         tb_dir: str | Path | None = None,
@@ -131,17 +133,26 @@ class TeacherTrainer:
         self.eval_batches = eval_batches
         self.output_dir = Path(output_dir)
         self.work_dir = self.output_dir.with_name(self.output_dir.name + "-train")
-        self.checkpoints = CheckpointDir(
-            self.work_dir / "checkpoints", self.args.checkpoints_total_limit
-        )
-        self.tb_dir = Path(tb_dir) if tb_dir is not None else None
-        self.history: list[float] = []
-        """Mean training loss of every optimizer step this process ran (resumed steps excluded)."""
-        self.metrics: dict[str, dict[int, float]] = {}
-        """Every logged scalar by name and step, on the main process (also in tensorboard);
-        `val/loss` is measured on fixed clips and noise with the EMA weights."""
         self._latent_cache: dict[str, torch.Tensor] = {}
         self._check()
+        self.training = TrainingLoop(
+            self,
+            LoopSettings.of(self.args, eval_every=self.args.sample_every),
+            work_dir=self.work_dir,
+            output_dir=self.output_dir,
+            tb_dir=tb_dir,
+        )
+
+    @property
+    def history(self) -> list[float]:
+        """Mean training loss of every optimizer step."""
+        return self.training.history
+
+    @property
+    def metrics(self) -> dict[str, dict[int, float]]:
+        """Every logged scalar by name and step, on the main process (also in tensorboard);
+        `val/loss` is measured on fixed clips and noise with the EMA weights."""
+        return self.training.metrics
 
     def _check(self) -> None:
         config, args = self.config, self.args
@@ -156,122 +167,43 @@ class TeacherTrainer:
                 f"train_teacher.vae_steps={args.vae_steps} would retrain the pretrained VAE of "
                 f"{config.teacher.pretrained_path}: set train_teacher.vae_steps=0"
             )
-        if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
-            raise TeacherTrainError(f"train_teacher.resume: no checkpoint directory {args.resume}")
-
-    # -------------------------------------------------------------------------------- the run
 
     def train(self) -> Path:
         """Train to `train_teacher.steps`, resuming from a checkpoint if there is one; returns the
         final teacher directory."""
-        args = self.args
-        accelerator = Accelerator(
-            cpu=_cpu_only(),
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-        )
-        self.accelerator = accelerator
-        main = accelerator.is_main_process
-        if main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.checkpoints.remove_partial()
-        self.writer = None
-        if main and self.tb_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        return self.training.run()
 
-            self.writer = SummaryWriter(str(self.tb_dir))
+    # ---------------------------------------------------------------------- the loop's stage
 
+    def setup(self) -> None:
+        self.accelerator = self.loop.accelerator
         teacher = VideoTeacher.from_config(self.config.teacher, seed=self.config.run.seed)
-        self.teacher = teacher.to(accelerator.device)
-        if args.vae_steps:
+        self.teacher = teacher.to(self.accelerator.device)
+        if self.args.vae_steps:
             self._warm_up_vae()
 
+    def build(self) -> Denoiser:
+        teacher = self.teacher
         denoiser = Denoiser(teacher.unet, teacher.text_projection).requires_grad_(True).train()
-        if args.gradient_checkpointing:
+        if self.args.gradient_checkpointing:
             teacher.unet.enable_gradient_checkpointing()
-        params = [p for p in denoiser.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        # accelerate steps a prepared LR scheduler once per process per optimizer step.
-        lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            optimizer,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=args.steps * accelerator.num_processes,
-        )
-        self.ema = None
-        if args.use_ema:
-            with quiet_libraries():
-                self.ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
-            self.ema.to(accelerator.device)
-        self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(
-            denoiser, optimizer, lr_scheduler
-        )
-        if self.ema is not None:
-            accelerator.register_for_checkpointing(self.ema)
+        return denoiser
 
-        step, micro_step = self._resume()
-        if step == 0:
-            self._evaluate(0)
-        stream = self.train_stream()
-        if micro_step:
-            next(itertools.islice(stream, micro_step - 1, None))
-        progress = tqdm(
-            total=args.steps, initial=step, desc="train-teacher", disable=not main, unit="step"
-        )
-        window: list[float] = []
-        step_losses: list[float] = []
-        tick, clips = time.perf_counter(), 0
-        while step < args.steps:
-            batch = next(stream)
-            step_losses.append(self._micro_step(batch, micro_step, params))
-            micro_step += 1
-            clips += len(batch["key"])
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            if self.ema is not None:
-                self.ema.step(params)
-            self.history.append(float(np.mean(step_losses)))
-            window.append(self.history[-1])
-            step_losses.clear()
-            progress.update(1)
-            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
-            last = step == args.steps
-            logged = step % args.log_every == 0 or last
-            if logged:
-                self._log(
-                    step,
-                    {
-                        "train/loss": float(np.mean(window)),
-                        "train/lr": self.lr_scheduler.get_last_lr()[0],
-                        "train/clips_per_s": clips
-                        * accelerator.num_processes
-                        / (time.perf_counter() - tick),
-                    },
-                )
-            if step % args.sample_every == 0 or last:
-                self._evaluate(step)
-            if step % args.checkpoint_every == 0 or last:
-                self._save_checkpoint(step, micro_step)
-            if logged:  # throughput windows leave evaluation and checkpoint time out
-                window.clear()
-                tick, clips = time.perf_counter(), 0
-        progress.close()
-        return self._save_final(step)
+    def stream(self, consumed: int) -> Iterator[dict[str, Any]]:
+        return self.train_stream(consumed)
 
-    def _micro_step(self, batch: dict[str, Any], micro_step: int, params: list) -> float:
-        """Forward/backward of one batch; the optimizer steps when accumulation is complete."""
-        accelerator = self.accelerator
-        seed = derived_seed(self.config.run.seed, "train", accelerator.process_index, micro_step)
-        with accelerator.accumulate(self.denoiser):
-            loss = self._loss(batch, self.denoiser, torch.Generator().manual_seed(seed))
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and self.args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach().item()
+    def loss(self, model, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict]:
+        seed = derived_seed(
+            self.config.run.seed, "train", self.accelerator.process_index, micro_step
+        )
+        return self._loss(batch, model, torch.Generator().manual_seed(seed)), {}
+
+    def resume_record(self) -> dict[str, Any]:
+        return {
+            "teacher_config_hash": _json_hash(behaviour_config(self.config.teacher)),
+            "use_ema": self.args.use_ema,
+            "vae": _state_hash(self.teacher.vae),
+        }
 
     # --------------------------------------------------------------------------------- phases
 
@@ -293,7 +225,7 @@ class TeacherTrainer:
         else:
             vae = teacher.vae.requires_grad_(True).train()
             optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
-            stream = self.train_stream()
+            stream = self.train_stream(0)
             generator = torch.Generator().manual_seed(
                 derived_seed(self.config.run.seed, "vae", accelerator.process_index)
             )
@@ -390,36 +322,17 @@ class TeacherTrainer:
 
     # --------------------------------------------------------------------- eval, logs, samples
 
-    @contextmanager
-    def _ema_weights(self):
-        if self.ema is None:
-            yield
-            return
-        params = list(self.accelerator.unwrap_model(self.denoiser).parameters())
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
-
-    def _log(self, step: int, scalars: dict[str, float]) -> None:
-        for name, value in scalars.items():
-            self.metrics.setdefault(name, {})[step] = value
-            if self.writer is not None:
-                self.writer.add_scalar(name, value, step)
-
     @torch.no_grad()
-    def _evaluate(self, step: int) -> Path | None:
-        """Validation loss and a real / VAE / predicted grid, with the EMA weights; main only."""
+    def validate(self, denoiser: nn.Module, step: int) -> dict[str, float]:
+        """Validation loss and a real / VAE / predicted grid (the loop puts the EMA weights in
+        place); main only."""
         if not self.accelerator.is_main_process:
-            return None
+            return {}
         batches = self.eval_batches()
         if not batches:
-            return None
-        denoiser = self.accelerator.unwrap_model(self.denoiser)
+            return {}
         seed = self.config.run.seed
-        with self._ema_weights(), self.accelerator.autocast():
+        with self.accelerator.autocast():
             denoiser.eval()
             losses = [
                 self._loss(b, denoiser, torch.Generator().manual_seed(derived_seed(seed, "val", i)))
@@ -442,77 +355,35 @@ class TeacherTrainer:
         path = self.work_dir / "samples" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(path)
-        if self.writer is not None:
-            self.writer.add_image("samples/real_vae_pred", grid, step, dataformats="HWC")
-        self._log(step, {"val/loss": float(torch.stack(losses).mean())})
-        return path
+        if self.loop.tensorboard is not None:
+            self.loop.tensorboard.add_image("samples/real_vae_pred", grid, step, dataformats="HWC")
+        return {"val/loss": float(torch.stack(losses).mean())}
 
-    # ----------------------------------------------------------------------- checkpoints
+    # ---------------------------------------------------------------------------- export
 
-    def _state_record(self, step: int, micro_step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "micro_step": micro_step,
-            "teacher_config_hash": _json_hash(behaviour_config(self.config.teacher)),
-            "use_ema": self.args.use_ema,
-            "num_processes": self.accelerator.num_processes,
-            "vae": _state_hash(self.teacher.vae),
-        }
-
-    def _save_checkpoint(self, step: int, micro_step: int) -> None:
-        with quiet_libraries():
-            self.checkpoints.save(self.accelerator, step, self._state_record(step, micro_step))
-
-    def _resume(self) -> tuple[int, int]:
-        """Load the checkpoint `train_teacher.resume` names; (step, micro step) to go on from."""
-        try:
-            found = self.checkpoints.to_resume(self.args.resume)
-        except FileNotFoundError as exc:
-            raise TeacherTrainError(str(exc)) from exc
-        if found is None:
-            return 0, 0
-        path, state = found
-        expected = self._state_record(state["step"], state["micro_step"])
-        for key in ("teacher_config_hash", "use_ema", "num_processes", "vae"):
-            if state[key] != expected[key]:
-                raise TeacherTrainError(
-                    f"{path}: written with {key}={state[key]}, this run has {expected[key]}; "
-                    "set train_teacher.resume=null (or another output_dir) to start over"
-                )
-        with quiet_libraries():
-            self.accelerator.load_state(str(path))
-        if self.accelerator.is_main_process:
-            tqdm.write(f"train-teacher: resumed from {path} (step {state['step']})")
-        return state["step"], state["micro_step"]
-
-    def _save_final(self, step: int) -> Path:
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if self.ema is not None:
-                self.ema.copy_to(accelerator.unwrap_model(self.denoiser).parameters())
-            self.teacher.requires_grad_(False).eval()
-            self.teacher.invalidate_fingerprint()
-            grid = self.work_dir / "samples" / f"step-{step:06d}.png"
-            metadata = {
-                "training": {
-                    "key": self.training_key,
-                    "steps": step,
-                    "ema": self.args.use_ema,
-                    "final_train_loss": self.history[-1] if self.history else None,
-                    "samples": str(grid) if grid.is_file() else None,
-                    "config": to_dict(self.config),
-                }
+    def export(self, denoiser: nn.Module, step: int, into: Path) -> None:
+        """The teacher directory, with the EMA weights the loop put in place; main only."""
+        if not self.accelerator.is_main_process:
+            return
+        self.teacher.requires_grad_(False).eval()
+        self.teacher.invalidate_fingerprint()
+        grid = self.work_dir / "samples" / f"step-{step:06d}.png"
+        history = self.loop.history
+        metadata = {
+            "training": {
+                "key": self.training_key,
+                "steps": step,
+                "ema": self.args.use_ema,
+                "final_train_loss": history[-1] if history else None,
+                "samples": str(grid) if grid.is_file() else None,
+                "config": to_dict(self.config),
             }
-            self.teacher.save_pretrained(self.output_dir, metadata=metadata)
-            tqdm.write(
-                f"train-teacher: teacher {self.teacher.fingerprint} -> {self.output_dir}"
-                + (f"; samples (real / vae / predicted): {grid}" if grid.is_file() else "")
-            )
-        if self.writer is not None:
-            self.writer.close()
-        accelerator.wait_for_everyone()
-        return self.output_dir
+        }
+        self.teacher.save_pretrained(into, metadata=metadata)
+        tqdm.write(
+            f"train-teacher: teacher {self.teacher.fingerprint} -> {self.output_dir}"
+            + (f"; samples (real / vae / predicted): {grid}" if grid.is_file() else "")
+        )
 
 
 def _pick_clips(batches: list[dict[str, Any]], count: int) -> tuple[torch.Tensor, list[str]]:
@@ -528,11 +399,6 @@ def _pick_clips(batches: list[dict[str, Any]], count: int) -> tuple[torch.Tensor
         seen.add(clip[0])
     chosen = (firsts + rest)[:count]
     return torch.stack([c[1] for c in chosen]), [c[2] for c in chosen]
-
-
-def _cpu_only() -> bool:
-    """accelerate forms a multi-process CPU (gloo) group under a launcher only when told so."""
-    return not torch.cuda.is_available()
 
 
 def _json_hash(value: Any) -> str:
@@ -604,8 +470,11 @@ def train_teacher(config: Config) -> Path:
         )
     data, seed = config.data, config.run.seed
 
-    def train_stream() -> Iterator[dict[str, Any]]:
-        return iter(clip_loader(episodes, data, "train", seed=seed, repeat=True))
+    def train_stream(skip_batches: int) -> Iterator[dict[str, Any]]:
+        loader = clip_loader(
+            episodes, data, "train", seed=seed, repeat=True, skip_batches=skip_batches
+        )
+        return iter(loader)
 
     eval_cache: list[list[dict[str, Any]]] = []
 
@@ -619,7 +488,7 @@ def train_teacher(config: Config) -> Path:
             eval_cache.append(_first_batches(loader, count))
         return eval_cache[0]
 
-    if PartialState(cpu=_cpu_only()).is_main_process:
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         run.save_config(config, "train-teacher")
     trainer = TeacherTrainer(
         config,

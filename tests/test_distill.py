@@ -23,6 +23,7 @@ from svam.cli import main
 from svam.config import load_config
 from svam.data.schema import SchemaError
 from svam.data.teacher_cache import TeacherCacheClips, write_teacher_cache
+from svam.training import TrainingLoop
 from teachers.configuration_encoders import EncodersConfig
 from teachers.encoders import GeometricEncoder
 from teachers.modeling_teacher import VideoTeacher, read_teacher_record
@@ -247,7 +248,7 @@ def test_resume_reproduces_the_uninterrupted_run(caches, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     distill(load_config("tiny", overrides(straight, caches["learnable"], *extra)))
 
-    save_checkpoint = Distiller._save_checkpoint
+    save_checkpoint = TrainingLoop.save_checkpoint
 
     def save_then_die(self, step, micro_step):
         save_checkpoint(self, step, micro_step)
@@ -255,7 +256,7 @@ def test_resume_reproduces_the_uninterrupted_run(caches, tmp_path, monkeypatch):
             raise Interrupted
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(Distiller, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(TrainingLoop, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         distill(load_config("tiny", overrides(resumed, caches["learnable"], *extra)))
     monkeypatch.undo()

@@ -12,6 +12,7 @@ import torch
 from test_teacher import micro_config
 
 from svam.config import Config, load_config
+from svam.training import TrainingLoop
 from teachers.modeling_teacher import VideoTeacher, read_teacher_record
 from teachers.train import TeacherTrainer, TeacherTrainError, is_trained, train_teacher
 
@@ -44,9 +45,10 @@ def synthetic_batch(indices: list[int]) -> dict:
     }
 
 
-def train_stream(batch_size: int = 2, clips: int = 6) -> Iterator[dict]:
-    """Endless deterministic batches cycling over `clips` distinct clips."""
-    start = 0
+def train_stream(skip_batches: int = 0, batch_size: int = 2, clips: int = 6) -> Iterator[dict]:
+    """Endless deterministic batches cycling over `clips` distinct clips, after the first
+    `skip_batches`."""
+    start = skip_batches * batch_size
     while True:
         yield synthetic_batch([(start + j) % clips for j in range(batch_size)])
         start += batch_size
@@ -103,14 +105,14 @@ def test_training_lowers_loss_and_resumes_exactly(tmp_path, monkeypatch):
     assert list((tmp_path / "straight" / "tb").glob("events.out.tfevents.*"))
 
     # Kill a second run right after its step-4 checkpoint, then start it again.
-    save_checkpoint = TeacherTrainer._save_checkpoint
+    save_checkpoint = TrainingLoop.save_checkpoint
 
     def save_then_die(self, step, micro_step):
         save_checkpoint(self, step, micro_step)
         if step == 4:
             raise Interrupted
 
-    monkeypatch.setattr(TeacherTrainer, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(TrainingLoop, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         trainer(config, tmp_path / "resumed").train()
     monkeypatch.undo()
@@ -120,7 +122,7 @@ def test_training_lowers_loss_and_resumes_exactly(tmp_path, monkeypatch):
 
     resumed = trainer(config, tmp_path / "resumed")
     resumed_out = resumed.train()
-    assert resumed.history == straight.history[4:]
+    assert resumed.history == straight.history
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-000008"]
 
     a, b = VideoTeacher.from_pretrained(out), VideoTeacher.from_pretrained(resumed_out)
@@ -167,9 +169,11 @@ def test_train_teacher_stage_writes_a_loadable_teacher(tmp_path, monkeypatch):
     """The stage function end to end, with the episode reader replaced by synthetic clips."""
     import svam.data.episodes
 
-    def fake_clip_loader(root, data, split, *, seed, batch_size=None, shuffle=None, repeat=False):
+    def fake_clip_loader(
+        root, data, split, *, seed, batch_size=None, shuffle=None, repeat=False, skip_batches=0
+    ):
         assert Path(root) == tmp_path / "tiny" / "episodes" and data.clip_frames == FRAMES
-        return train_stream() if repeat else iter(eval_batches())
+        return train_stream(skip_batches) if repeat else iter(eval_batches())
 
     monkeypatch.setattr(svam.data.episodes, "clip_loader", fake_clip_loader)
     (tmp_path / "tiny" / "episodes").mkdir(parents=True)

@@ -103,6 +103,8 @@ class EpisodeClips(ShardStream):
         shuffle: bool | None = None,
         repeat: bool = False,
         verify: bool = True,
+        skip_batches: int = 0,
+        batch_size: int = 1,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -130,12 +132,17 @@ class EpisodeClips(ShardStream):
             shuffle=split == "train" if shuffle is None else shuffle,
             shuffle_buffer=data.shuffle_buffer,
             repeat=repeat,
+            skip_batches=skip_batches,
+            batch_size=batch_size,
         )
 
     def __len__(self) -> int:
         """Number of clips in one pass over the split."""
-        episodes = self.shard_set.manifest["episodes"]
-        return sum(len(clip_starts(episodes[key]["length"], self.data)) for _, key in self.episodes)
+        return sum(self.item_count(key) for _, key in self.episodes)
+
+    def item_count(self, key: str) -> int:
+        length = self.shard_set.manifest["episodes"][key]["length"]
+        return len(clip_starts(length, self.data))
 
     def items(self, key, arrays, meta, epoch) -> Iterator[dict[str, Any]]:
         return episode_clips(key, arrays, meta, self.data)
@@ -150,13 +157,25 @@ def clip_loader(
     batch_size: int | None = None,
     shuffle: bool | None = None,
     repeat: bool = False,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """A DataLoader of clip batches: frames uint8 (B,T,3,H,W), depth float16 (B,T,H,W),
-    actions float32 (B,K,A), state float32 (B,T,S), and lists of instruction, task and key."""
-    dataset = EpisodeClips(root, data, split, seed=seed, shuffle=shuffle, repeat=repeat)
+    actions float32 (B,K,A), state float32 (B,T,S), and lists of instruction, task and key;
+    it starts after its first `skip_batches` batches without reading them."""
+    batch_size = batch_size or data.batch_size
+    dataset = EpisodeClips(
+        root,
+        data,
+        split,
+        seed=seed,
+        shuffle=shuffle,
+        repeat=repeat,
+        skip_batches=skip_batches,
+        batch_size=batch_size,
+    )
     return DataLoader(
         dataset,
-        batch_size=batch_size or data.batch_size,
+        batch_size=batch_size,
         num_workers=data.num_workers,
         persistent_workers=False,
     )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 import tarfile
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,11 +189,13 @@ class ShardSet:
             yield from read_shard(path, self.schema)
 
 
-def read_shard(path: Path, schema: ShardSchema):
-    """Yield decoded samples of one tar shard; a truncated or corrupt tar raises a SchemaError naming it."""
+def read_shard(path: Path, schema: ShardSchema, keys: Container[str] | None = None):
+    """Yield decoded samples of one tar shard (only those in `keys`, if given: the others are not
+    decoded); a truncated or corrupt tar raises a SchemaError naming it."""
     try:
         for raw in wds.tarfile_samples([{"url": str(path)}]):
-            yield schema.decode(raw)
+            if keys is None or raw["__key__"] in keys:
+                yield schema.decode(raw)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         if isinstance(exc, SchemaError):
             raise

@@ -120,6 +120,8 @@ class TeacherCacheClips(ShardStream):
         shuffle_buffer: int = 256,
         repeat: bool = False,
         max_clips: int | None = None,
+        skip_batches: int = 0,
+        batch_size: int = 1,
     ):
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
         known = (*TEACHER_CACHE.arrays, CURRENT)
@@ -146,6 +148,8 @@ class TeacherCacheClips(ShardStream):
             shuffle=split == "train" if shuffle is None else shuffle,
             shuffle_buffer=shuffle_buffer,
             repeat=repeat,
+            skip_batches=skip_batches,
+            batch_size=batch_size,
         )
 
     def __len__(self) -> int:
@@ -179,8 +183,9 @@ def teacher_cache_loader(
     **dataset_options: Any,
 ) -> DataLoader:
     """Batches of `TeacherCacheClips` items: tensors stacked on a leading batch dim, `key`, `task`
-    and `instruction` as lists, `epoch` as a tensor."""
-    dataset = TeacherCacheClips(cache, split, **dataset_options)
+    and `instruction` as lists, `epoch` as a tensor (`skip_batches=n` starts after the first n
+    batches without reading them)."""
+    dataset = TeacherCacheClips(cache, split, batch_size=batch_size, **dataset_options)
     return DataLoader(
         dataset,
         batch_size=batch_size,
