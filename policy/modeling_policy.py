@@ -25,6 +25,19 @@ Randomness: the teacher's noise and then the head's initial noise are drawn from
 that order (a blind policy draws the head's only), so the same generator state gives the same
 chunk.
 
+Acting (lerobot's policy API): an observation is a dict of
+    "observation.image"  current frames (B, 3, H, W) uint8
+    "observation.state"  raw proprioception (B, S), for a policy with use_state (ignored otherwise)
+    "task"               the instructions: one string for the batch or a list of B
+    "generator"          optional: one generator for the batch or a list of one per row (None or
+                         absent: torch's global generator); svam's addition, so that each row
+                         draws the noise it would draw alone.
+`predict_action_chunk(observation)` gives the chunks (B, K, A); `select_action(observation)` one
+action per row (B, A) from a queue that holds the first `execute_actions` actions of the current
+chunk, predicting the next chunk when it is empty; `reset()` empties it at an episode's start.
+The queue is the batch's: its rows start together and take a new chunk together; `keep_rows`
+drops the rows whose episodes ended.
+
 Parts: a control step runs the parts of PARTS in order, each inside `ShortcutPolicy.part(name)`;
 observers added to `ShortcutPolicy.observers` (context-manager factories taking the part's name)
 time them or count their FLOPs.
@@ -35,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +83,12 @@ PARTS = ("text", "teacher", "encoders", "decouplers", "aggregator", "head")
 teacher (one-step pass, or generation and decoding), the encoders (on the current frame for the
 shortcut, on the generated frames otherwise), the decouplers, the aggregator, the action head
 (context encoding and every DDIM step)."""
+
+# An observation's keys (module docstring).
+OBS_IMAGE = "observation.image"
+OBS_STATE = "observation.state"
+TASK = "task"
+GENERATOR = "generator"
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -253,6 +273,10 @@ class ShortcutPolicy:
         self.observers: list[Callable[[str], contextlib.AbstractContextManager]] = []
         self._text: dict[str, torch.Tensor] = {}
         memoize_text(frozen.pipeline.teacher)
+        self.execute_actions: int | None = None
+        """Actions of each chunk `select_action` gives before predicting the next chunk (None:
+        the whole chunk; more than the chunk's length: the whole chunk)."""
+        self._queue: deque[torch.Tensor] = deque()  # the current chunk's next actions, (B, A) each
 
     @property
     def mode(self) -> str:
@@ -389,6 +413,57 @@ class ShortcutPolicy:
         with self.part("head"):
             chunk = self.net.head.sample(cond, generator, num_inference_steps)
         return self.net.action_normalizer.unnormalize(chunk.float())
+
+    # ------------------------------------------------------------------------------- acting
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation: Mapping[str, Any]) -> torch.Tensor:
+        """Action chunks (B, K, A), unnormalised, for an observation (module docstring): `predict`
+        of its frames, instructions, state and generator."""
+        return self.predict(
+            observation[OBS_IMAGE],
+            observation[TASK],
+            observation.get(OBS_STATE),
+            generator=observation.get(GENERATOR),
+        )
+
+    @property
+    def needs_observation(self) -> bool:
+        """Whether the next `select_action` predicts a chunk, so reads its observation (the
+        queue is empty)."""
+        return not self._queue
+
+    @torch.no_grad()
+    def select_action(self, observation: Mapping[str, Any] | None) -> torch.Tensor:
+        """Each row's next action (B, A), unnormalised: the queue's next one, after queueing the
+        first `execute_actions` actions of `predict_action_chunk(observation)` if it was empty.
+
+        `observation` is read only to predict (`needs_observation`); otherwise it may be None,
+        for a caller whose observations are costly (rendering)."""
+        if self._queue:
+            if observation is not None and len(observation[OBS_IMAGE]) != len(self._queue[0]):
+                raise ValueError(
+                    f"an observation of {len(observation[OBS_IMAGE])} rows, but the action queue "
+                    f"holds {len(self._queue[0])}: keep_rows the rows that go on, or reset()"
+                )
+            return self._queue.popleft()
+        if observation is None:
+            raise ValueError("the action queue is empty: select_action needs an observation")
+        if self.execute_actions is not None and self.execute_actions < 1:
+            raise ValueError(f"execute_actions={self.execute_actions} must be at least 1")
+        chunk = self.predict_action_chunk(observation)
+        self._queue.extend(chunk[:, : self.execute_actions].unbind(1))
+        return self._queue.popleft()
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep the queued actions of these rows only, in this order: the batch goes on without
+        the others (their episodes ended)."""
+        rows = list(rows)
+        self._queue = deque(actions[rows] for actions in self._queue)
+
+    def reset(self) -> None:
+        """Empty the action queue: the next `select_action` predicts (an episode's start)."""
+        self._queue.clear()
 
     # ---------------------------------------------------------------------------- save/load
 

@@ -14,6 +14,7 @@ from policy.modeling_policy import ShortcutPolicy
 from svam.envs.metaworld import MetaWorldEnv
 from svam.eval.configuration_eval import EvalConfig
 from svam.eval.metaworld import EnvPool, Episode, batches, rollouts, run_batch
+from svam.seeding import keyed_generator
 
 # The micro policies of tests/test_policy.py (and the teacher, encoders and decouplers they read).
 world, trained = test_policy.world, test_policy.trained
@@ -116,9 +117,8 @@ def test_generator_per_row_gives_each_row_its_own_chunk(trained):
         )
 
 
-def test_finished_episodes_leave_the_batch_and_outcomes_do_not_change(trained, monkeypatch):
-    """Episodes that succeed at different steps (Meta-World's success faked per task and seed):
-    lockstep batches of 3 give the outcomes and actions of one episode at a time."""
+def succeed_at_different_steps(monkeypatch) -> None:
+    """Fake Meta-World's success per task and seed: after 2, 4 and 7 steps, or never."""
     succeed_after = {("reach-v3", 6): 2, ("reach-v3", 7): 4, ("button-press-topdown-v3", 7): 7}
     step = MetaWorldEnv.step
 
@@ -128,6 +128,12 @@ def test_finished_episodes_leave_the_batch_and_outcomes_do_not_change(trained, m
         return obs, reward, done or taken == succeed_after.get((env.task, env.seed))
 
     monkeypatch.setattr(MetaWorldEnv, "step", faked)
+
+
+def test_finished_episodes_leave_the_batch_and_outcomes_do_not_change(trained, monkeypatch):
+    """Episodes that succeed at different steps (Meta-World's success faked per task and seed):
+    lockstep batches of 3 give the outcomes and actions of one episode at a time."""
+    succeed_at_different_steps(monkeypatch)
     episodes = episodes_of(trained, {"shortcut": "shortcut", "multistep:2": "multistep"})
     one_at_a_time = run(episodes, settings(max_steps=9), workers=1, batch_size=1)
     steps = {key[1:]: (o.success, o.steps) for key, o in one_at_a_time.items()}
@@ -138,6 +144,82 @@ def test_finished_episodes_leave_the_batch_and_outcomes_do_not_change(trained, m
         ("button-press-topdown-v3", 7): (True, 7),
     }
     assert_same_outcomes(one_at_a_time, run(episodes, settings(9), workers=1, batch_size=3))
+
+
+def chunkwise_outcomes(policy, episodes: list[Episode], settings: dict, run_seed: int) -> dict:
+    """(success, steps, actions, frames) of each episode by the loop `run_batch` ran before it
+    used `select_action`: each control step, one batched `predict` for the live episodes, then
+    each steps through the first `execute_actions` actions of its chunk."""
+    running = []
+    for episode in episodes:
+        env = MetaWorldEnv(episode.task, episode.seed, settings["camera"], settings["image_size"])
+        generator = keyed_generator(run_seed, "eval", episode.task, episode.seed)
+        running.append(dict(episode=episode, env=env, obs=env.reset(), generator=generator))
+        running[-1].update(success=False, actions=[], frames=[])
+    outcomes = {}
+    while running:
+        for row in running:
+            row["frames"].append(row["env"].render()[0])
+        chunks = policy.predict(
+            torch.from_numpy(np.stack([row["frames"][-1] for row in running])).permute(0, 3, 1, 2),
+            [row["env"].instruction for row in running],
+            torch.from_numpy(np.stack([row["env"].proprio(row["obs"]) for row in running])),
+            generator=[row["generator"] for row in running],
+        )
+        still = []
+        executed = chunks[:, : settings["execute_actions"]].numpy()
+        for row, chunk in zip(running, executed, strict=True):
+            over = False
+            for action in chunk:
+                row["obs"], _, done = row["env"].step(action)
+                row["actions"].append(action)
+                row["success"] = row["success"] or done
+                over = row["success"] or len(row["actions"]) >= settings["max_steps"]
+                if over:
+                    break
+            if not over:
+                still.append(row)
+                continue
+            row["frames"].append(row["env"].render()[0])
+            row["env"].close()
+            steps, actions = len(row["actions"]), np.stack(row["actions"])
+            outcomes[row["episode"]] = (row["success"], steps, actions, row["frames"])
+        running = still
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind"),
+    [
+        ("shortcut", "shortcut"),
+        ("onestep", "onestep"),
+        ("multistep:2", "multistep"),
+        ("blind", "blind"),
+    ],
+)
+def test_rollouts_through_select_action_are_those_of_stepping_through_chunks(
+    trained, monkeypatch, mode, kind
+):
+    """A lockstep batch whose episodes end mid-chunk at different steps, through the policy's
+    `select_action` / `keep_rows`: the outcomes, actions and frames, bit for bit, of stepping
+    through each chunk, for every number of actions executed."""
+    succeed_at_different_steps(monkeypatch)
+    policy = ShortcutPolicy.from_pretrained(trained[kind], mode=mode)
+    episodes = [Episode(mode, str(trained[kind]), t, s, record=True) for t in TASKS for s in SEEDS]
+    for execute in (3, 4, 10):  # 10: more than the chunk of 4, which is executed whole
+        config = {**settings(max_steps=9), "execute_actions": execute}
+        with torch.no_grad():
+            expected = chunkwise_outcomes(policy, episodes, config, run_seed=0)
+            got = run_batch(policy, episodes, config, run_seed=0)
+        assert [o.steps for o in got] == sorted(o.steps for o in got)  # in finishing order
+        assert {o.episode: o.steps for o in got} == {e: want[1] for e, want in expected.items()}
+        for outcome in got:
+            success, steps, actions, frames = expected[outcome.episode]
+            assert (outcome.success, outcome.steps) == (success, steps)
+            assert np.array_equal(outcome.actions, actions)
+            assert len(outcome.frames) == len(frames)
+            for have, want in zip(outcome.frames, frames, strict=True):
+                np.testing.assert_array_equal(have, want)
 
 
 def test_outcomes_do_not_depend_on_batch_size_or_workers(trained):

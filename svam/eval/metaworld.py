@@ -2,14 +2,16 @@
 
 Control is receding horizon: at each control step the policy maps the rendered frame, the
 instruction and the proprioception to a chunk, and the first `execute_actions` actions are
-executed. An episode succeeds when Meta-World reports success at any step within `max_steps`.
+executed, one per environment step from `ShortcutPolicy.select_action`'s queue. An episode
+succeeds when Meta-World reports success at any step within `max_steps`.
 
 Episodes of one mode run `batch_size` at a time in lockstep, one environment each: every control
-step makes one batched policy call for all the live episodes, and an episode leaves the batch
-when it succeeds or reaches `max_steps`. Each episode's randomness (the teacher's and the head's
-noise) comes from its own generator keyed by (run seed, task, seed), drawn in the order it would
-be alone, so an episode's outcome depends neither on its batch nor on the worker that ran it (up
-to floating-point rounding of batched kernels).
+step makes one batched policy call for all the live episodes (frames are rendered only then), and
+an episode leaves the batch (`ShortcutPolicy.keep_rows`) when it succeeds or reaches `max_steps`.
+Each episode's randomness (the teacher's and the head's noise) comes from its own generator keyed
+by (run seed, task, seed), drawn in the order it would be alone, so an episode's outcome depends
+neither on its batch nor on the worker that ran it (up to floating-point rounding of batched
+kernels).
 
 Building an environment (compiling the task's MuJoCo model, ~0.17 s) would cost more than a short
 episode on a tiny policy, so each worker keeps the environments of finished episodes in an
@@ -122,16 +124,13 @@ class _Running:
             self.frames.append(rgb)
         return rgb, self.env.proprio(self.obs)
 
-    def execute(self, actions: np.ndarray, max_steps: int) -> bool:
-        """Step through `actions` until success or `max_steps`; whether the episode is over."""
-        for action in actions:
-            self.obs, _, done = self.env.step(action)
-            self.actions.append(action)
-            self.steps += 1
-            self.success = self.success or done
-            if self.success or self.steps >= max_steps:
-                return True
-        return False
+    def step(self, action: np.ndarray, max_steps: int) -> bool:
+        """Execute `action`; whether the episode is over (success, or `max_steps` reached)."""
+        self.obs, _, done = self.env.step(action)
+        self.actions.append(action)
+        self.steps += 1
+        self.success = self.success or done
+        return self.success or self.steps >= max_steps
 
     def finish(self, envs: EnvPool) -> Outcome:
         if self.frames is not None:
@@ -141,36 +140,47 @@ class _Running:
         return Outcome(self.episode, self.success, self.steps, self.frames, actions)
 
 
+def _observation(running: list[_Running]) -> dict[str, Any]:
+    """The policy's observation (`policy.modeling_policy`) of the live episodes, one row each."""
+    import torch
+
+    from policy.modeling_policy import GENERATOR, OBS_IMAGE, OBS_STATE, TASK
+
+    rgbs, states = zip(*(episode.observe() for episode in running), strict=True)
+    return {
+        OBS_IMAGE: torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2),
+        OBS_STATE: torch.from_numpy(np.stack(states)),
+        TASK: [episode.env.instruction for episode in running],
+        GENERATOR: [episode.generator for episode in running],
+    }
+
+
 def run_batch(
     policy, episodes: list[Episode], settings: dict, run_seed: int, envs: EnvPool | None = None
 ) -> list[Outcome]:
     """Outcomes (in finishing order) of `episodes` of one loaded policy, run in lockstep, on
-    environments from `envs` (given back to it after their episode; None: a pool of this call's)."""
-    import torch
-
+    environments from `envs` (given back to it after their episode; None: a pool of this call's).
+    Sets the policy's `execute_actions` to the settings'."""
     if envs is None:
         with EnvPool(settings["camera"], settings["image_size"]) as envs:
             return run_batch(policy, episodes, settings, run_seed, envs)
+    policy.execute_actions = settings["execute_actions"]
+    policy.reset()
     running, outcomes = [], []
     try:
         for episode in episodes:
             running.append(_Running(episode, run_seed, envs))
         while running:
-            rgbs, states = zip(*(episode.observe() for episode in running), strict=True)
-            chunks = policy.predict(
-                torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2),
-                [episode.env.instruction for episode in running],
-                torch.from_numpy(np.stack(states)),
-                generator=[episode.generator for episode in running],
-            )
-            chunks = chunks[:, : settings["execute_actions"]].cpu().numpy()
-            still = []
-            for episode, chunk in zip(running, chunks, strict=True):
-                if episode.execute(chunk, settings["max_steps"]):
+            observation = _observation(running) if policy.needs_observation else None
+            actions = policy.select_action(observation).cpu().numpy()
+            going_on = []
+            for row, (episode, action) in enumerate(zip(running, actions, strict=True)):
+                if episode.step(action, settings["max_steps"]):
                     outcomes.append(episode.finish(envs))
                 else:
-                    still.append(episode)
-            running = still
+                    going_on.append(row)
+            policy.keep_rows(going_on)
+            running = [running[row] for row in going_on]
     finally:
         for episode in running:  # interrupted: those environments are in an unknown state
             episode.env.close()
