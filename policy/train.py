@@ -258,6 +258,7 @@ class PolicyTrainer:
         )
         self.mode = self.args.mode
         self.cache = TeacherCache.open(paths.cache)
+        self.teacher_runtime = self.cache.runtime_for(config.teacher, PolicyTrainError)
         self.source = policy_onestep_source(config, self.cache)  # None: blind
         if self.mode == "shortcut":
             for branch in BRANCHES:
@@ -290,7 +291,9 @@ class PolicyTrainer:
             "train_policy.teacher",
             PolicyTrainError,
         )
-        self.pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
+        self.pipeline = TeacherPipeline.from_pretrained(
+            teacher_dir, self.teacher_runtime, config=self.config.teacher
+        )
         self.pipeline.teacher.to(self.device)
         self.decouplers = {}
         if self.mode != "shortcut":
@@ -414,6 +417,7 @@ class PolicyTrainer:
             use_state=self.args.use_state,
             teacher=str(self.paths.teacher.resolve()),
             teacher_fingerprint=self.teacher_fingerprint,
+            teacher_runtime=self.teacher_runtime,
             encoders=dict(manifest["encoders"]),
             semantic_fingerprint=manifest["semantic_fingerprint"],
             geometric_fingerprint=manifest["geometric_fingerprint"],
