@@ -215,8 +215,9 @@ class TeacherPipeline:
         # Under guidance the conditional half of the context is the second one.
         features = denoised = None
         if return_features and self.runtime.feature_sigma is not None:
-            own = (context[-batch:], time_ids[-batch:])
-            features = self._read_features(self._one_step_inputs(noise, condition, *own, None))
+            conditional_only = (context[-batch:], time_ids[-batch:])
+            inputs = self._one_step_inputs(noise, condition, *conditional_only, None)
+            features = self._read_features(inputs)
         capture = self.runtime.feature_up_blocks if return_features and features is None else ()
         latents = noise * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps[:steps]
