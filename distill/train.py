@@ -281,6 +281,7 @@ class Distiller(TrainingStage):
                     "the train/val/test split, or with cache.splits leaving it out): rebuild it "
                     "with `svam cache-teachers`"
                 )
+        self.teacher_runtime = self.cache.runtime_for(config.teacher, DistillError)
         self.mode = onestep_mode(config, self.cache)
         self.key = training_key(config, self.cache, self.mode)
         self.loader_settings = loader_settings(config.distill, config.data)
@@ -333,7 +334,9 @@ class Distiller(TrainingStage):
             "distill.teacher",
             DistillError,
         )
-        pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
+        pipeline = TeacherPipeline.from_pretrained(
+            teacher_dir, self.teacher_runtime, config=self.config.teacher
+        )
         pipeline.teacher.to(self.device)
         self.teacher_pipeline = pipeline
 

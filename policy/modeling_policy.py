@@ -73,6 +73,7 @@ from policy.modeling_aggregator import UniPerceiver
 from policy.normalization import Normalizer
 from svam.data.shards import sha256_file
 from svam.serialization import ModelLoadError, load_weights, read_config, save_model
+from teachers.configuration_teacher import TeacherRuntime
 
 CLASS_NAME = "ShortcutPolicy"
 PolicyLoadError = ModelLoadError
@@ -111,6 +112,8 @@ class ShortcutPolicyConfig:
     teacher: str = ""
     """Teacher directory the policy was trained with (override at load time)."""
     teacher_fingerprint: str = ""
+    teacher_runtime: TeacherRuntime = field(default_factory=TeacherRuntime)
+    """The teacher runtime settings of the cache the policy was trained on: what it runs with."""
     encoders: dict[str, Any] = field(default_factory=dict)
     """The cache's `EncodersConfig` (shortcut and multistep modes read the encoders)."""
     semantic_fingerprint: str = ""
@@ -477,14 +480,17 @@ class ShortcutPolicy:
         *,
         teacher: str | os.PathLike | None = None,
         decouplers: str | os.PathLike | None = None,
-        teacher_config: Any = None,
+        teacher_runtime: TeacherRuntime | None = None,
         device: str | torch.device = "cpu",
         mode: str | None = None,
     ) -> ShortcutPolicy:
         """Load a policy directory and the frozen parts it records (`teacher`, `decouplers`
         override their directories), to act in `mode` (default: the mode it was trained for);
-        every fingerprint is checked."""
-        config = read_config(path, CLASS_NAME, ShortcutPolicyConfig)
+        every fingerprint is checked. The teacher runs with the runtime the policy records;
+        `teacher_runtime`, when given, must equal it."""
+        # Policies saved before they recorded a teacher runtime were made with the defaults.
+        legacy = {"teacher_runtime": TeacherRuntime().to_record()}
+        config = read_config(path, CLASS_NAME, ShortcutPolicyConfig, added_keys=legacy)
         if mode is not None and parse_mode(mode).policy_kind != config.mode:
             raise PolicyLoadError(
                 f"{path}: a {config.mode} policy cannot act in mode '{mode}' (it needs a "
@@ -496,7 +502,7 @@ class ShortcutPolicy:
             config,
             teacher=teacher,
             decouplers=decouplers,
-            teacher_config=teacher_config,
+            teacher_runtime=teacher_runtime,
             device=device,
             where=Path(path),
         )
@@ -513,12 +519,13 @@ def load_frozen(
     *,
     teacher: str | os.PathLike | None = None,
     decouplers: str | os.PathLike | None = None,
-    teacher_config: Any = None,
+    teacher_runtime: TeacherRuntime | None = None,
     device: str | torch.device = "cpu",
     where: Path | str = "the policy",
 ) -> FrozenParts:
     """The teacher pipeline, encoders and decouplers a policy config names, each checked against
-    the fingerprints it records."""
+    the fingerprints it records; the teacher runs with the recorded runtime, which an explicit
+    `teacher_runtime` must equal."""
     from distill.modeling_decoupler import Decoupler
     from teachers.configuration_encoders import EncodersConfig
     from teachers.encoders import build_encoders
@@ -536,7 +543,13 @@ def load_frozen(
             f"{teacher_dir}: teacher fingerprint {found}, but the policy was trained with "
             f"teacher {config.teacher_fingerprint} ({source})"
         )
-    pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=teacher_config)
+    conflict = teacher_runtime and teacher_runtime.conflict(config.teacher_runtime)
+    if conflict:
+        raise PolicyLoadError(
+            f"teacher_runtime sets {conflict} ({source}): drop it to use the policy's, or "
+            "retrain the policy with `svam train-policy`"
+        )
+    pipeline = TeacherPipeline.from_pretrained(teacher_dir, config.teacher_runtime)
     pipeline.teacher.to(device)
     frozen = FrozenParts(pipeline)
     if config.needs_encoders:

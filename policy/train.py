@@ -256,6 +256,7 @@ class PolicyTrainer(TrainingStage):
         self.mode = self.args.mode
         self.name = f"train-policy ({self.mode})"
         self.cache = TeacherCache.open(paths.cache)
+        self.teacher_runtime = self.cache.runtime_for(config.teacher, PolicyTrainError)
         self.source = policy_onestep_source(config, self.cache)  # None: blind
         if self.mode == "shortcut":
             for branch in BRANCHES:
@@ -297,7 +298,9 @@ class PolicyTrainer(TrainingStage):
             "train_policy.teacher",
             PolicyTrainError,
         )
-        self.pipeline = TeacherPipeline.from_pretrained(teacher_dir, config=self.config.teacher)
+        self.pipeline = TeacherPipeline.from_pretrained(
+            teacher_dir, self.teacher_runtime, config=self.config.teacher
+        )
         self.pipeline.teacher.to(self.device)
         self.decouplers = {}
         if self.mode != "shortcut":
@@ -421,6 +424,7 @@ class PolicyTrainer(TrainingStage):
             use_state=self.args.use_state,
             teacher=str(self.paths.teacher.resolve()),
             teacher_fingerprint=self.teacher_fingerprint,
+            teacher_runtime=self.teacher_runtime,
             encoders=dict(manifest["encoders"]),
             semantic_fingerprint=manifest["semantic_fingerprint"],
             geometric_fingerprint=manifest["geometric_fingerprint"],

@@ -37,6 +37,7 @@ from svam.config import Config, load_config
 from svam.data.teacher_cache import TARGETS, teacher_cache_loader, write_teacher_cache
 from svam.flops import flop_counter
 from teachers.configuration_encoders import EncodersConfig
+from teachers.configuration_teacher import TeacherRuntime
 from teachers.modeling_teacher import VideoTeacher
 from teachers.pipeline_teacher import TeacherPipeline
 
@@ -148,6 +149,7 @@ def synthetic_cache(root: Path, config: Config, train: int, val: int) -> Path:
         },
         encoders=dataclasses.asdict(EncodersConfig()),
         num_inference_steps=config.teacher.num_inference_steps,
+        teacher_runtime=TeacherRuntime.from_config(config.teacher).to_record(),
         run_seed=0,
     )
 

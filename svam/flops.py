@@ -415,6 +415,7 @@ def build_step_policy(
         models=models,
         feature_steps=config.cache.num_inference_steps or config.teacher.num_inference_steps,
         use_state=use_state,
+        teacher_runtime=frozen.pipeline.runtime,
         encoders=dataclasses.asdict(config.encoders),
         decoupler_configs=decoupler_configs,
     )

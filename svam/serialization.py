@@ -39,8 +39,16 @@ def save_model(path: str | os.PathLike, class_name: str, config: Any, module: nn
     return root
 
 
-def read_config(path: str | os.PathLike, class_name: str, config_class: type[Config]) -> Config:
-    """The config dataclass of a saved model directory, checked with its `validate()`."""
+def read_config(
+    path: str | os.PathLike,
+    class_name: str,
+    config_class: type[Config],
+    added_keys: Mapping[str, Any] | None = None,
+) -> Config:
+    """The config dataclass of a saved model directory, checked with its `validate()`.
+
+    `added_keys`: top-level keys added to the config after files were written without them, each
+    with the (JSON) value such a file was made with."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise ModelLoadError(
@@ -55,7 +63,7 @@ def read_config(path: str | os.PathLike, class_name: str, config_class: type[Con
     version = record.pop("_format_version", None)
     if version != FORMAT_VERSION:
         raise ModelLoadError(f"{file}: _format_version={version}, this svam reads {FORMAT_VERSION}")
-    config = _from_record(config_class, record, file, "")
+    config = _from_record(config_class, {**(added_keys or {}), **record}, file, "")
     try:
         config.validate()
     except ValueError as exc:

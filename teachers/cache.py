@@ -42,6 +42,7 @@ from svam.data.shards import (
 )
 from svam.rundir import RunDir
 from svam.seeding import clip_noise, keyed_generator
+from teachers.configuration_teacher import TeacherRuntime
 from teachers.encoders import build_encoders
 from teachers.modeling_teacher import read_teacher_record
 from teachers.pipeline_teacher import TeacherPipeline
@@ -130,6 +131,8 @@ def is_cached(config: Config) -> bool:
         return False
     return (
         manifest["teacher_fingerprint"] == teacher["fingerprint"]
+        and TeacherRuntime.from_record(manifest.get("teacher_runtime"))
+        == TeacherRuntime.from_config(config.teacher)
         and manifest["run_seed"] == config.run.seed
         and manifest["data_config_hash"] == config_hash(config.data)
         and manifest["encoders"] == asdict(config.encoders)
@@ -163,8 +166,12 @@ class TeacherCacheJob:
         teacher_dir = Path(cache.teacher or run_dir.teacher)
         device = _resolve_device(cache.device) if cache.device != "auto" else state.device
         dtype = DTYPES[cache.dtype]
+        # The cache's runtime settings come from the config; every later stage reads its record.
         self.pipeline = TeacherPipeline.from_pretrained(
-            teacher_dir, config=config.teacher, torch_dtype=dtype
+            teacher_dir,
+            TeacherRuntime.from_config(config.teacher),
+            config=config.teacher,
+            torch_dtype=dtype,
         )
         self.pipeline.teacher.to(device)
         teacher = self.pipeline.teacher
@@ -179,6 +186,7 @@ class TeacherCacheJob:
         self.plan = {
             "svam_version": __version__,
             "teacher_fingerprint": teacher.fingerprint,
+            "teacher_runtime": self.pipeline.runtime.to_record(),
             "semantic_fingerprint": self.semantic.fingerprint,
             "geometric_fingerprint": self.geometric.fingerprint,
             "episodes_sha256": hashlib.sha256(

@@ -8,7 +8,11 @@ directory and the resolved values are what its saved `teacher_config.json` recor
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 FEATURE_UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -69,12 +73,11 @@ class TeacherConfig:
     noise_aug_strength: float = 0.02
     """Std of the Gaussian noise added to the current frame (in [-1, 1] pixels) before encoding it."""
 
-    # Sampling.
+    # Sampling and one-step features; a pipeline reads the guidance and feature keys as a
+    # `TeacherRuntime` (below), which downstream stages take from the cache's record.
     num_inference_steps: int = 25
     guidance_scale: float = 1.0
     """Classifier-free guidance on the instruction (empty-prompt unconditional); 1 turns it off."""
-
-    # One-step features.
     feature_up_blocks: list[int] = field(default_factory=lambda: [0, 1])
     feature_sigma: float | None = None
     """Noise level of the one-step pass; None: the first (noisiest) of the sampling schedule."""
@@ -109,16 +112,76 @@ class TeacherConfig:
                 f"teacher.image_size={self.image_size} is not a multiple of the VAE's downsampling "
                 f"factor {self.vae_scale_factor}"
             )
-        if not self.feature_up_blocks or not all(0 <= b < levels for b in self.feature_up_blocks):
+        TeacherRuntime.from_config(self).validate(levels)
+        if self.num_inference_steps < 1:
+            raise ValueError("teacher.num_inference_steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class TeacherRuntime:
+    """How a teacher pipeline runs: guidance and the one-step feature read-out.
+
+    The one source of these settings for `TeacherPipeline`. `svam cache-teachers` takes them from
+    the config's teacher section and records them in the cache manifest; downstream of the cache
+    (distill, train-policy, the policy's config.json, eval) the cache's record is what runs. The
+    sampling schedule N is not among them: the cache records it as `num_inference_steps`, a
+    policy as `feature_steps`, and modes choose their own (multistep:K).
+    """
+
+    guidance_scale: float = 1.0
+    feature_up_blocks: tuple[int, ...] = (0, 1)
+    feature_sigma: float | None = None
+    feature_upsample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        # Lists from YAML or JSON become a tuple, so runtimes compare and hash by value.
+        object.__setattr__(self, "feature_up_blocks", tuple(self.feature_up_blocks))
+
+    @classmethod
+    def from_config(cls, config: TeacherConfig) -> TeacherRuntime:
+        return cls(**{key: getattr(config, key) for key in cls.keys()})
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> TeacherRuntime:
+        """A recorded runtime. None, the record of a cache or policy written before svam recorded
+        runtimes, gives the defaults: the values every shipped config made them with."""
+        return cls(**(record or {}))
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready (the up-blocks as a list)."""
+        return {**dataclasses.asdict(self), "feature_up_blocks": list(self.feature_up_blocks)}
+
+    @property
+    def fingerprint(self) -> str:
+        """Short sha256 of the settings; what stage keys record for them."""
+        return hashlib.sha256(json.dumps(self.to_record(), sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
+
+    def conflict(self, recorded: TeacherRuntime) -> str | None:
+        """'teacher.<key>=<this value> where <recorded value> is recorded' for the first key on
+        which this runtime differs from `recorded`, else None: every mismatch message's core."""
+        mine, theirs = self.to_record(), recorded.to_record()
+        for key in self.keys():
+            if mine[key] != theirs[key]:
+                return f"teacher.{key}={mine[key]!r} where {theirs[key]!r} is recorded"
+        return None
+
+    def validate(self, levels: int) -> None:
+        """Raise ValueError naming the first key that does not fit a UNet of `levels` levels."""
+        blocks = list(self.feature_up_blocks)
+        if not blocks or not all(0 <= b < levels for b in blocks):
             raise ValueError(
-                f"teacher.feature_up_blocks={self.feature_up_blocks}: need up-block indices in [0, {levels - 1}]"
+                f"teacher.feature_up_blocks={blocks}: need up-block indices in [0, {levels - 1}]"
             )
         if self.feature_upsample not in FEATURE_UPSAMPLE_MODES:
             raise ValueError(
                 f"teacher.feature_upsample='{self.feature_upsample}': one of {', '.join(FEATURE_UPSAMPLE_MODES)}"
             )
-        if self.num_inference_steps < 1:
-            raise ValueError("teacher.num_inference_steps must be at least 1")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The current frame's VAE latent is concatenated to every noisy frame latent (SVD's 8-channel UNet
 input) and the task instruction, encoded by a CLIP text encoder, replaces SVD's CLIP image
-embedding as the cross-attention context. `unet_forward` runs the UNet's own submodules so that a
-one-step feature pass can stop right after the last up-block it needs.
+embedding as the cross-attention context. `unet_forward` runs diffusers' UNet forward with hooks
+that capture up-block outputs, so that a one-step feature pass can stop right after the last
+up-block it needs.
 
 A teacher saves as a directory in diffusers layout (`model_index.json`, `unet/`, `vae/`,
 `scheduler/`, `text_encoder/`, `tokenizer/`, optionally `text_projection/`) plus
@@ -78,7 +79,8 @@ RUNTIME_KEYS = (
     "feature_upsample",
 )
 """TeacherConfig keys that change how a teacher is used, not what it is: a caller's value wins over
-the one saved with the teacher; they are left out of the fingerprint."""
+the one saved with the teacher; they are left out of the fingerprint. A pipeline's guidance and
+feature keys are its `TeacherRuntime`, which caches and policies record next to the fingerprint."""
 
 
 def behaviour_config(config: TeacherConfig) -> dict[str, Any]:
@@ -231,6 +233,10 @@ def architecture_of(
 # ------------------------------------------------------------------------------ partial UNet pass
 
 
+class _StopForward(Exception):
+    """Raised by the forward hook on the last captured up-block to end the UNet's pass there."""
+
+
 def unet_forward(
     unet: UNetSpatioTemporalConditionModel,
     sample: torch.Tensor,
@@ -241,63 +247,35 @@ def unet_forward(
     capture: Sequence[int] = (),
     stop_after_capture: bool = False,
 ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
-    """`UNetSpatioTemporalConditionModel.forward`, step by step, capturing up-block outputs.
+    """diffusers' `UNetSpatioTemporalConditionModel.forward`, capturing up-block outputs.
 
-    Returns (output (B, T, C, H, W) or None, {up-block index: output (B, T, C, h, w)}). With
-    `stop_after_capture` the pass ends after the last captured up-block: the finer up-blocks and
-    the output head never run, and the output is None.
+    Returns (output (B, T, C, H, W) or None, {up-block index: output (B, T, C, h, w)}). Forward
+    hooks on the captured up-blocks record their outputs; with `stop_after_capture` the hook on
+    the last one ends the pass: the finer up-blocks and the output head never run, and the
+    output is None.
     """
     batch, frames = sample.shape[:2]
-    timesteps = torch.as_tensor(timestep, device=sample.device)
-    timesteps = timesteps.reshape(-1).expand(batch)
-
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(sample.dtype))
-    time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape(batch, -1).to(emb.dtype)
-    emb = emb + unet.add_embedding(time_embeds)
-
-    sample = sample.flatten(0, 1)
-    emb = emb.repeat_interleave(frames, dim=0)
-    encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
-    indicator = torch.zeros(batch, frames, dtype=sample.dtype, device=sample.device)
-    context = {"temb": emb, "image_only_indicator": indicator}
-    cross = {**context, "encoder_hidden_states": encoder_hidden_states}
-
-    def kwargs(block: nn.Module) -> dict[str, torch.Tensor]:
-        return cross if getattr(block, "has_cross_attention", False) else context
-
-    sample = unet.conv_in(sample)
-    residuals: tuple[torch.Tensor, ...] = (sample,)
-    for block in unet.down_blocks:
-        sample, block_residuals = block(hidden_states=sample, **kwargs(block))
-        residuals += block_residuals
-    sample = unet.mid_block(hidden_states=sample, **cross)
-
-    # Latent sizes that are not multiples of the overall upsampling factor need explicit sizes.
-    factor = 2**unet.num_upsamplers
-    forward_size = any(size % factor for size in sample.shape[-2:]) or any(
-        size % factor for size in residuals[0].shape[-2:]
-    )
-    wanted = set(capture)
-    last = max(wanted) if (stop_after_capture and wanted) else len(unet.up_blocks) - 1
+    wanted = sorted(set(capture))
+    last = wanted[-1] if stop_after_capture and wanted else None
     captured: dict[int, torch.Tensor] = {}
-    for index, block in enumerate(unet.up_blocks[: last + 1]):
-        block_residuals = residuals[-len(block.resnets) :]
-        residuals = residuals[: -len(block.resnets)]
-        is_final = index == len(unet.up_blocks) - 1
-        upsample_size = residuals[-1].shape[2:] if forward_size and not is_final else None
-        sample = block(
-            hidden_states=sample,
-            res_hidden_states_tuple=block_residuals,
-            upsample_size=upsample_size,
-            **kwargs(block),
-        )
-        if index in wanted:
-            captured[index] = sample.unflatten(0, (batch, frames))
-    if stop_after_capture and wanted:
-        return None, captured
 
-    sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))
-    return sample.unflatten(0, (batch, frames)), captured
+    def hook(index: int):
+        def record(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            captured[index] = output.unflatten(0, (batch, frames))
+            if index == last:
+                raise _StopForward
+
+        return record
+
+    handles = [unet.up_blocks[index].register_forward_hook(hook(index)) for index in wanted]
+    try:
+        output = unet(sample, timestep, encoder_hidden_states, added_time_ids, return_dict=False)[0]
+    except _StopForward:
+        return None, captured
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, captured
 
 
 def merge_up_block_features(features: dict[int, torch.Tensor], mode: str) -> torch.Tensor:

@@ -5,8 +5,9 @@ current frame, initial noise scaled by the scheduler's `init_noise_sigma`, Euler
 (v-prediction, continuous-time) scheduler. The instruction replaces SVD's image embedding, so
 classifier-free guidance is on the instruction, with the empty prompt as the unconditional input.
 Randomness is drawn from the caller's generator(s) (one, or one per sample) in a fixed order
-(conditioning noise, then the initial latents), so `features` equals the features `__call__`
-captures at its first step.
+(conditioning noise, then the initial latents), so the features `__call__` returns equal
+`features` for the same generators. Guidance and the feature read-out come from the pipeline's
+`TeacherRuntime` only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from teachers.configuration_teacher import TeacherRuntime
 from teachers.modeling_teacher import (
     Generators,
     VideoTeacher,
@@ -50,13 +52,19 @@ class TeacherPipelineOutput(BaseOutput):
 
 
 class TeacherPipeline:
-    def __init__(self, teacher: VideoTeacher):
+    def __init__(self, teacher: VideoTeacher, runtime: TeacherRuntime | None = None):
+        """`runtime` None: the teacher config's (a teacher built or trained in this process);
+        stages downstream of a cache pass the cache's."""
         self.teacher = teacher
+        self.runtime = runtime or TeacherRuntime.from_config(teacher.config)
+        self.runtime.validate(len(teacher.unet.up_blocks))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> TeacherPipeline:
-        """`VideoTeacher.from_pretrained(path, **kwargs)` wrapped in a pipeline."""
-        return cls(VideoTeacher.from_pretrained(path, **kwargs))
+    def from_pretrained(
+        cls, path: str | os.PathLike, runtime: TeacherRuntime | None = None, **kwargs
+    ) -> TeacherPipeline:
+        """`VideoTeacher.from_pretrained(path, **kwargs)` wrapped in a pipeline of `runtime`."""
+        return cls(VideoTeacher.from_pretrained(path, **kwargs), runtime)
 
     # ------------------------------------------------------------------------------- schedule
 
@@ -84,10 +92,9 @@ class TeacherPipeline:
         image: torch.Tensor,
         instruction: str | Sequence[str],
         generator: Generators,
-        scheduler: EulerDiscreteScheduler,
         guidance: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(initial latents, conditioning latents, text context, added time ids)."""
+        """(unit initial noise, conditioning latents, text context, added time ids)."""
         teacher = self.teacher
         if image.ndim == 3:
             image = image[None]
@@ -107,12 +114,34 @@ class TeacherPipeline:
         time_ids = teacher.added_time_ids(context.shape[0])
         shape = (batch, frames, *condition.shape[2:])
         noise = randn_tensor(shape, generator=generator, device=teacher.device, dtype=teacher.dtype)
-        return noise * scheduler.init_noise_sigma, condition, context, time_ids
+        return noise, condition, context, time_ids
 
     @staticmethod
     def _model_input(latents, condition, timestep, scheduler, guidance: bool) -> torch.Tensor:
         sample = torch.cat([scheduler.scale_model_input(latents, timestep), condition], dim=2)
         return torch.cat([sample, sample]) if guidance else sample
+
+    def _one_step_inputs(
+        self, noise, condition, context, time_ids, num_inference_steps: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet inputs of the one-step pass on unit noise `noise`: at `runtime.feature_sigma`,
+        else at the first (noisiest) level of the `num_inference_steps` schedule."""
+        scheduler = self.scheduler(num_inference_steps, self.runtime.feature_sigma)
+        timestep = scheduler.timesteps[0]
+        latents = noise * scheduler.init_noise_sigma
+        sample = self._model_input(latents, condition, timestep, scheduler, guidance=False)
+        return sample, timestep, context, time_ids
+
+    def _read_features(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The one-step pass on `inputs`, stopped after the last of `runtime.feature_up_blocks`,
+        their outputs merged."""
+        _, captured = unet_forward(
+            self.teacher.unet,
+            *inputs,
+            capture=self.runtime.feature_up_blocks,
+            stop_after_capture=True,
+        )
+        return merge_up_block_features(captured, self.runtime.feature_upsample)
 
     # ---------------------------------------------------------------------------- public API
 
@@ -123,18 +152,14 @@ class TeacherPipeline:
         instruction: str | Sequence[str],
         *,
         generator: Generators = None,
-        sigma: float | None = None,
         num_inference_steps: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample, timestep, context, added time ids): the UNet inputs of the one-step pass, at
-        noise level `sigma` or the first of the `num_inference_steps` schedule."""
-        scheduler = self.scheduler(num_inference_steps, sigma)
-        latents, condition, context, time_ids = self._prepare(
-            image, instruction, generator, scheduler, guidance=False
+        noise level `runtime.feature_sigma` or the first of the `num_inference_steps` schedule."""
+        noise, condition, context, time_ids = self._prepare(
+            image, instruction, generator, guidance=False
         )
-        timestep = scheduler.timesteps[0]
-        sample = self._model_input(latents, condition, timestep, scheduler, guidance=False)
-        return sample, timestep, context, time_ids
+        return self._one_step_inputs(noise, condition, context, time_ids, num_inference_steps)
 
     @torch.no_grad()
     def features(
@@ -143,32 +168,19 @@ class TeacherPipeline:
         instruction: str | Sequence[str],
         *,
         generator: Generators = None,
-        sigma: float | None = None,
         num_inference_steps: int | None = None,
-        up_blocks: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """One-step features (B, T, C, h, w) of the current frame(s) `image` (B, 3, H, W) uint8.
 
-        One partial UNet pass at noise level `sigma` (default `config.feature_sigma`, else the
-        first, noisiest sigma of the `num_inference_steps` schedule) that stops after the last of
-        `up_blocks` (default `config.feature_up_blocks`); their outputs are resized to the finest
-        of their grids (`config.feature_upsample`) and concatenated on channels.
+        One partial UNet pass at noise level `runtime.feature_sigma` (None: the first, noisiest
+        sigma of the `num_inference_steps` schedule) that stops after the last of
+        `runtime.feature_up_blocks`; their outputs are resized to the finest of their grids
+        (`runtime.feature_upsample`) and concatenated on channels.
         """
-        config = self.teacher.config
         inputs = self.first_step_inputs(
-            image,
-            instruction,
-            generator=generator,
-            sigma=config.feature_sigma if sigma is None else sigma,
-            num_inference_steps=num_inference_steps,
+            image, instruction, generator=generator, num_inference_steps=num_inference_steps
         )
-        _, captured = unet_forward(
-            self.teacher.unet,
-            *inputs,
-            capture=list(up_blocks or config.feature_up_blocks),
-            stop_after_capture=True,
-        )
-        return merge_up_block_features(captured, config.feature_upsample)
+        return self._read_features(inputs)
 
     @torch.no_grad()
     def __call__(
@@ -180,9 +192,7 @@ class TeacherPipeline:
         num_inference_steps: int | None = None,
         stop_step: int | None = None,
         stop_sigma: float | None = None,
-        guidance_scale: float | None = None,
         return_features: bool = True,
-        up_blocks: Sequence[int] | None = None,
         decode: bool = True,
         progress: bool = False,
     ) -> TeacherPipelineOutput:
@@ -190,33 +200,40 @@ class TeacherPipeline:
 
         Runs `num_inference_steps` Euler steps (default from the config), or stops early (partial
         denoising): after `stop_step` steps, or at the first step whose noise level is at most
-        `stop_sigma`. Under guidance (`guidance_scale` > 1, default from the config) each step
-        evaluates the UNet on the conditional and the empty-instruction batch. The one-step
-        features of the first step come with the samples, from the same pass.
+        `stop_sigma`. Under guidance (`runtime.guidance_scale` > 1) each step evaluates the UNet
+        on the conditional and the empty-instruction batch. The one-step features equal
+        `features` for the same generators: captured from the first step's pass when
+        `runtime.feature_sigma` is None, else from their own partial pass at that noise level.
         """
         teacher = self.teacher
-        config = teacher.config
-        guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_scale = self.runtime.guidance_scale
         guidance = guidance_scale > 1.0
         scheduler = self.scheduler(num_inference_steps)
         steps = self._steps_to_run(scheduler, stop_step, stop_sigma)
-        latents, condition, context, time_ids = self._prepare(
-            image, instruction, generator, scheduler, guidance
-        )
-        blocks = list(up_blocks or config.feature_up_blocks) if return_features else []
-        batch = latents.shape[0]
+        noise, condition, context, time_ids = self._prepare(image, instruction, generator, guidance)
+        batch = noise.shape[0]
+        # Under guidance the conditional half of the context is the second one.
         features = denoised = None
+        if return_features and self.runtime.feature_sigma is not None:
+            conditional_only = (context[-batch:], time_ids[-batch:])
+            inputs = self._one_step_inputs(noise, condition, *conditional_only, None)
+            features = self._read_features(inputs)
+        capture = self.runtime.feature_up_blocks if return_features and features is None else ()
+        latents = noise * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps[:steps]
         for index, timestep in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
             sample = self._model_input(latents, condition, timestep, scheduler, guidance)
-            capture = blocks if index == 0 else []
             output, captured = unet_forward(
-                teacher.unet, sample, timestep, context, time_ids, capture=capture
+                teacher.unet,
+                sample,
+                timestep,
+                context,
+                time_ids,
+                capture=capture if index == 0 else (),
             )
             if captured:
-                # Under guidance the conditional half is the second one.
                 own = {k: v[-batch:] for k, v in captured.items()}
-                features = merge_up_block_features(own, config.feature_upsample)
+                features = merge_up_block_features(own, self.runtime.feature_upsample)
             if guidance:
                 unconditional, conditional = output.chunk(2)
                 output = unconditional + guidance_scale * (conditional - unconditional)

@@ -18,7 +18,9 @@ from svam.cli import main
 from svam.config import load_config
 from svam.data.schema import TEACHER_CACHE, SchemaError
 from svam.data.shards import MANIFEST_NAME, ShardSet
+from svam.data.teacher_cache import TeacherCache
 from teachers.cache import cache_teachers, is_cached
+from teachers.configuration_teacher import TeacherRuntime
 from teachers.encoders import SemanticEncoder
 from teachers.modeling_teacher import VideoTeacher
 
@@ -196,6 +198,41 @@ def test_dry_run_writes_nothing(inputs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "18 clips (train 6, val 6, test 6) in 9 shards" in text and "estimated" in text
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_manifest_records_the_teacher_runtime_that_later_stages_read(inputs, reference, tmp_path):
+    config = load_config("tiny", overrides_for(inputs, reference))
+    manifest = json.loads((reference / MANIFEST_NAME).read_text())
+    assert manifest["teacher_runtime"] == TeacherRuntime.from_config(config.teacher).to_record()
+    cache = TeacherCache.open(reference, verify=False)
+    assert cache.runtime_for(config.teacher) == TeacherRuntime.from_config(config.teacher)
+    assert is_cached(config)
+    changed = load_config("tiny", [*overrides_for(inputs, reference), "teacher.feature_sigma=0.5"])
+    assert not is_cached(changed)
+    with pytest.raises(SchemaError) as refused:
+        cache.runtime_for(changed.teacher)
+    message = str(refused.value)
+    assert "teacher.feature_sigma=0.5 where None is recorded" in message and "\n" not in message
+    assert "svam cache-teachers" in message
+
+    # A cache written before runtimes were recorded reads as made with the defaults.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(reference, legacy)
+    del manifest["teacher_runtime"]
+    (legacy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert TeacherCache.open(legacy, verify=False).runtime == TeacherRuntime()
+
+
+def test_refuses_to_add_to_a_cache_of_other_teacher_settings(inputs, reference, tmp_path, capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    (out / MANIFEST_NAME).unlink()  # an unfinished run, so the job checks its plan
+    before = shard_bytes(out)
+    argv = ["cache-teachers", *overrides_for(inputs, out, "teacher.guidance_scale=2.0")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "different teacher_runtime" in err and "'guidance_scale': 2.0" in err
+    assert "\n" not in err and shard_bytes(out) == before
 
 
 def test_refuses_to_mix_with_another_cache(inputs, reference, tmp_path, capsys):

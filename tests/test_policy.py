@@ -23,6 +23,7 @@ from policy.modeling_policy import BRANCHES, PolicyLoadError, ShortcutPolicy
 from policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.config import load_config
 from svam.data.teacher_cache import write_teacher_cache
+from teachers.configuration_teacher import TeacherRuntime
 from teachers.encoders import build_encoders
 from teachers.modeling_teacher import VideoTeacher
 from teachers.pipeline_teacher import TeacherPipeline
@@ -214,6 +215,37 @@ def test_fingerprint_mismatch_refused(world, trained, tmp_path):
     (tmp_path / "policy" / "config.json").write_text(json.dumps(record))
     with pytest.raises(PolicyLoadError, match="semantic encoder"):
         ShortcutPolicy.from_pretrained(tmp_path / "policy")
+
+
+def test_policy_runs_the_teacher_runtime_it_records(world, trained, tmp_path):
+    root, cache = world
+    path = trained["onestep"]
+    record = json.loads((path / "config.json").read_text())
+    # The world's cache records no runtime (written before they were): the defaults made it.
+    assert record["teacher_runtime"] == TeacherRuntime().to_record()
+    assert ShortcutPolicy.from_pretrained(path).frozen.pipeline.runtime == TeacherRuntime()
+    with pytest.raises(PolicyLoadError) as refused:
+        ShortcutPolicy.from_pretrained(path, teacher_runtime=TeacherRuntime(feature_sigma=0.5))
+    message = str(refused.value)
+    assert "teacher.feature_sigma=0.5 where None is recorded" in message and "\n" not in message
+
+    # The policy's record wins over the settings saved with the teacher.
+    policy = tmp_path / "policy"
+    shutil.copytree(path, policy)
+    quieter = TeacherRuntime(feature_sigma=1.0).to_record()
+    (policy / "config.json").write_text(json.dumps({**record, "teacher_runtime": quieter}))
+    assert ShortcutPolicy.from_pretrained(policy).frozen.pipeline.runtime.feature_sigma == 1.0
+    # A policy saved before policies recorded a runtime loads with the defaults.
+    legacy = {k: v for k, v in record.items() if k != "teacher_runtime"}
+    (policy / "config.json").write_text(json.dumps(legacy))
+    assert ShortcutPolicy.from_pretrained(policy).config.teacher_runtime == TeacherRuntime()
+
+    # Training on the cache with a conflicting teacher setting is refused in one line.
+    config = load_config("micro", overrides(root, cache, "onestep", "teacher.guidance_scale=2.0"))
+    with pytest.raises(PolicyTrainError) as refused:
+        train_policy(config)
+    message = str(refused.value)
+    assert "teacher.guidance_scale=2.0 where 1.0 is recorded" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("mode", ["onestep", "blind"])
@@ -612,3 +644,20 @@ def test_eval_refuses_a_cache_without_test_clips(world, trained, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "holds no test clips" in err and "svam cache-teachers" in err and "\n" not in err
     assert not (tmp_path / "run" / "eval" / "shortcut" / "rollouts.json").exists()
+
+
+def test_eval_refuses_a_policy_of_other_teacher_settings_than_its_cache(
+    world, trained, tmp_path, capsys
+):
+    from svam.cli import main
+
+    root, _ = world
+    policy = tmp_path / "run" / "policy" / "shortcut"
+    shutil.copytree(trained["shortcut"], policy)
+    record = json.loads((policy / "config.json").read_text())
+    record["teacher_runtime"] = TeacherRuntime(feature_up_blocks=(1,)).to_record()
+    (policy / "config.json").write_text(json.dumps(record))
+    assert main(["eval", *eval_overrides(root, tmp_path, "eval.modes=[shortcut]")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "teacher.feature_up_blocks=[1] where [0, 1] is recorded" in err and "\n" not in err
+    assert "svam train-policy" in err

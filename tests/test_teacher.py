@@ -11,7 +11,7 @@ import torch
 
 from svam.config import load_config
 from svam.flops import flop_counter
-from teachers.configuration_teacher import TeacherConfig
+from teachers.configuration_teacher import TeacherConfig, TeacherRuntime
 from teachers.modeling_teacher import (
     TeacherLoadError,
     VideoTeacher,
@@ -211,7 +211,8 @@ def test_partial_denoising_stops_at_requested_noise_level(teacher, images):
 def test_guidance_runs_conditional_and_empty_prompt_batches(teacher, images):
     pipe = TeacherPipeline(teacher)
     recorder = Recorder({"conv_in": teacher.unet.conv_in})
-    guided = pipe(images, INSTRUCTIONS, generator=gen(), guidance_scale=3.0, stop_step=2)
+    guided_pipe = TeacherPipeline(teacher, dataclasses.replace(pipe.runtime, guidance_scale=3.0))
+    guided = guided_pipe(images, INSTRUCTIONS, generator=gen(), stop_step=2)
     recorder.close()
     assert [out.shape[0] for out in recorder.outputs["conv_in"]] == [2 * 2 * 4] * 2
     plain = pipe(images, INSTRUCTIONS, generator=gen(), stop_step=2)
@@ -221,11 +222,57 @@ def test_guidance_runs_conditional_and_empty_prompt_batches(teacher, images):
 
 def test_features_at_a_chosen_noise_level(teacher, images):
     pipe = TeacherPipeline(teacher)
+
+    def at(sigma: float) -> TeacherPipeline:
+        return TeacherPipeline(teacher, dataclasses.replace(pipe.runtime, feature_sigma=sigma))
+
     noisy = pipe.features(images, INSTRUCTIONS, generator=gen())
-    same = pipe.features(images, INSTRUCTIONS, generator=gen(), sigma=pipe.noise_levels()[0])
-    quieter = pipe.features(images, INSTRUCTIONS, generator=gen(), sigma=1.0)
+    same = at(pipe.noise_levels()[0]).features(images, INSTRUCTIONS, generator=gen())
+    quieter = at(1.0).features(images, INSTRUCTIONS, generator=gen())
     assert torch.allclose(noisy, same, atol=1e-5)
     assert not torch.allclose(noisy, quieter)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_call_reads_features_as_features_does(teacher, images, guidance_scale):
+    """`__call__`'s features equal `features()` for the same inputs, noise and feature_sigma."""
+    runtime = TeacherRuntime(guidance_scale=guidance_scale, feature_sigma=1.0)
+    pipe = TeacherPipeline(teacher, runtime)
+    sampled = pipe(images, INSTRUCTIONS, generator=gen(7), stop_step=2, decode=False)
+    features = pipe.features(images, INSTRUCTIONS, generator=gen(7))
+    assert torch.equal(sampled.features, features)
+    default = TeacherPipeline(teacher, dataclasses.replace(runtime, feature_sigma=None))
+    assert not torch.allclose(features, default.features(images, INSTRUCTIONS, generator=gen(7)))
+    # The samples do not depend on where the features are read.
+    plain = default(images, INSTRUCTIONS, generator=gen(7), stop_step=2, decode=False)
+    assert torch.equal(sampled.latents, plain.latents)
+
+
+def test_runtime_records_fingerprints_and_names_a_conflict():
+    runtime = TeacherRuntime.from_config(micro_config())
+    assert runtime == TeacherRuntime() == TeacherRuntime.from_record(None)
+    record = runtime.to_record()
+    assert record == {
+        "guidance_scale": 1.0,
+        "feature_up_blocks": [0, 1],
+        "feature_sigma": None,
+        "feature_upsample": "bilinear",
+    }
+    assert TeacherRuntime.from_record(json.loads(json.dumps(record))) == runtime
+    for key, value in (
+        ("guidance_scale", 2.0),
+        ("feature_up_blocks", (1,)),
+        ("feature_sigma", 0.5),
+        ("feature_upsample", "nearest"),
+    ):
+        changed = dataclasses.replace(runtime, **{key: value})
+        assert changed.fingerprint != runtime.fingerprint, key
+        assert changed.conflict(runtime).startswith(f"teacher.{key}="), key
+    assert runtime.conflict(TeacherRuntime.from_record(record)) is None
+    with pytest.raises(ValueError, match="feature_up_blocks"):
+        TeacherPipeline(
+            VideoTeacher.from_config(micro_config()), TeacherRuntime(feature_up_blocks=(5,))
+        )
 
 
 # ----------------------------------------------------------------------------------- save/load

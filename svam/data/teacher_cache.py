@@ -33,6 +33,7 @@ from svam.data.shards import (
     write_json_atomic,
 )
 from svam.data.streaming import ShardStream, evenly_spaced
+from teachers.configuration_teacher import TeacherConfig, TeacherRuntime
 
 CURRENT = "current"
 CACHED, ON_THE_FLY = "cached", "on-the-fly"
@@ -74,6 +75,25 @@ class TeacherCache:
     @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST_NAME
+
+    @property
+    def runtime(self) -> TeacherRuntime:
+        """The teacher runtime settings that made the cache (the defaults for a cache written
+        before svam recorded them)."""
+        return TeacherRuntime.from_record(self.manifest.get("teacher_runtime"))
+
+    def runtime_for(
+        self, teacher: TeacherConfig, error: type[Exception] = SchemaError
+    ) -> TeacherRuntime:
+        """The runtime a stage reading the cache runs the teacher with: the cache's. The config's
+        teacher section `teacher` must not set it otherwise (`error`, one line naming the key)."""
+        conflict = TeacherRuntime.from_config(teacher).conflict(self.runtime)
+        if conflict:
+            raise error(
+                f"the config sets {conflict} ({self.manifest_path}): drop the setting to use "
+                "the cache's, or rebuild the cache with `svam cache-teachers`"
+            )
+        return self.runtime
 
     def members(self, split: str) -> list[tuple[str, str]]:
         """(shard name, sample key) of every sample of a split, in manifest order."""
@@ -265,17 +285,6 @@ def loader_settings(section: Any, data: Any) -> dict[str, int]:
 
 def cache_key_parts(config: Any, cache: TeacherCache, source: str) -> dict[str, Any]:
     """What a stage trained on a teacher cache depends on besides its own settings: the run seed,
-    the cache manifest, the one-step source and, on the fly, the teacher's feature settings."""
-    parts: dict[str, Any] = {
-        "seed": config.run.seed,
-        "cache": sha256_file(cache.manifest_path),
-        "onestep": source,
-    }
-    if source == ON_THE_FLY:
-        teacher = config.teacher
-        parts["features"] = [
-            teacher.feature_up_blocks,
-            teacher.feature_sigma,
-            teacher.feature_upsample,
-        ]
-    return parts
+    the cache manifest (which records the teacher runtime on-the-fly features are read with) and
+    the one-step source."""
+    return {"seed": config.run.seed, "cache": sha256_file(cache.manifest_path), "onestep": source}

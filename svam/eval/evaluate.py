@@ -400,9 +400,23 @@ class Evaluation:
 
     def check_cache(self) -> None:
         """Refuse a cache without test clips (made before the test split existed): every
-        measured number of the report comes from the test split."""
+        measured number of the report comes from the test split. Refuse a policy, or a teacher
+        setting of the config, whose teacher runtime is not the one that made the cache: the
+        policies run with the runtime they record, which must be the cache's."""
+        from teachers.configuration_teacher import TeacherRuntime
+
         if self.cache is None:
             return
+        cache = self.teacher_cache
+        runtime = cache.runtime_for(self.config.teacher, EvalError)
+        for target in self.ok:
+            record = json.loads((target.policy / "config.json").read_text())
+            conflict = TeacherRuntime.from_record(record.get("teacher_runtime")).conflict(runtime)
+            if conflict:
+                raise EvalError(
+                    f"the {target.mode} policy at {target.policy} was trained with {conflict} "
+                    f"({cache.manifest_path}): retrain it on that cache with `svam train-policy`"
+                )
         try:
             clips = self.teacher_cache.members("test")
         except ValueError as exc:
