@@ -19,17 +19,14 @@ frame and adds them before the input LayerNorm; here they are normalised and pro
 clip into the hidden width and added after the input projection (0.4 instead of 16 GFLOPs at full
 scale).
 
-A decoupler saves as a directory holding `config.json` (the `DecouplerConfig`, including the
-target encoder and dims) and `model.safetensors`.
+A decoupler saves as a diffusers model directory (`svam.serialization`): `config.json` (the
+`DecouplerConfig`, including the target encoder and dims) and its safetensors weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,16 +34,7 @@ from torch import nn
 
 from distill.configuration_decoupler import DecouplerConfig, DecouplersConfig
 from svam.flops import flop_counter
-from svam.serialization import (
-    ModelLoadError,
-    check_expected,
-    load_weights,
-    read_config,
-    save_model,
-)
-
-CLASS_NAME = "Decoupler"
-
+from svam.serialization import ModelLoadError, SvamModel
 
 DecouplerLoadError = ModelLoadError
 """The one model-directory load error, under the decoupler's name."""
@@ -154,13 +142,14 @@ def space_time_embedding(frames: int, grid: int, dim: int, device: torch.device)
 # ------------------------------------------------------------------------------------ model
 
 
-class Decoupler(nn.Module):
+class Decoupler(SvamModel):
     """One-step features (B, T, C, h, w) [+ reference tokens (B, P_ref, D_ref)] -> (B, T, P, D)."""
 
+    config_class = DecouplerConfig
+    rebuild = "re-run `svam distill`"
+
     def __init__(self, config: DecouplerConfig):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         dim = config.hidden_dim
         self.input_norm = nn.LayerNorm(config.in_channels)
         self.input_proj = nn.Linear(config.in_channels, dim)
@@ -237,33 +226,10 @@ class Decoupler(nn.Module):
         if reference is not None and tuple(reference.shape) != expected:
             raise ValueError(f"{name}: reference must be {expected}, got {tuple(reference.shape)}")
 
-    # ----------------------------------------------------------------------------- save/load
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write `config.json` and `model.safetensors` into the directory `path`."""
-        return save_model(path, CLASS_NAME, self.config, self)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        expect: Mapping[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Decoupler:
-        """Load a saved decoupler. `expect` maps config keys to required values (e.g. the dims of
-        a teacher cache); a mismatch, a missing file or weights that disagree with the config
-        raise DecouplerLoadError naming the file and key."""
-        config = read_decoupler_config(path)
-        check_expected(path, config, expect)
-        model = cls(config)
-        load_weights(path, model)
-        return model.to(device)
-
 
 def read_decoupler_config(path: str | os.PathLike) -> DecouplerConfig:
     """The `DecouplerConfig` of a saved decoupler directory (checked, without loading weights)."""
-    return read_config(path, CLASS_NAME, DecouplerConfig)
+    return Decoupler.read_config(path)
 
 
 def build_decouplers(

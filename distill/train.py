@@ -11,17 +11,19 @@ fly: a fresh noise draw per clip and epoch, seeded by (run seed, clip key, epoch
 Before training, the decouplers' data dims are derived from the cache manifest and the features
 (or, with `distill.dims_from_cache=false`, checked against them), and the linear-probe baseline,
 the per-channel target statistics and the depth probes are fitted on the train split (kept in the
-work dir for resumes). Every `eval_every` steps the validation fidelity is measured and each
-branch's best decoupler so far is kept (selection uses val only); at the end the best decouplers
-are compared with both baselines on every test clip (distill/fidelity.py), which nothing selected
-on.
+work dir for resumes, and published with the decouplers for `svam eval`). Every `eval_every`
+steps the validation fidelity is measured and each branch's best decoupler so far is kept
+(selection uses val only); at the end the best decouplers are compared with both baselines on
+every test clip (distill/fidelity.py), which nothing selected on.
 
 Resuming: checkpoints (accelerate `save_state`, written under a temporary name and renamed) hold
 the models, optimizer, LR schedule, RNG states, best scores and the data position; a resumed run
 skips the batches already consumed and goes on exactly as the uninterrupted run would.
 
-Layout: `<output_dir>/{semantic,geometric}/` (`Decoupler` directories), `fidelity.json`,
-`fidelity.md`, `distill.json`; `<output_dir>-train/`: `checkpoints/`, `best/`, `baselines.pt`.
+Layout: `<output_dir>/{semantic,geometric}/` (`Decoupler` directories), `baselines.pt`,
+`fidelity.json`, `fidelity.md`, `distill.json`, all written at once (a complete new directory
+replaces the old one); `<output_dir>-train/`: `checkpoints/`, `best/`, `baselines.pt` (scratch:
+eval reads only `<output_dir>`).
 Tensorboard scalars go to `<run>/tb/distill/`.
 """
 
@@ -80,10 +82,12 @@ from svam.data.teacher_cache import (
 )
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
+from svam.serialization import WEIGHTS_NAME
 from svam.training import LoopSettings, TrainingLoop, TrainingStage
 
 RECORD_NAME = "distill.json"
 BASELINES_NAME = "baselines.pt"
+"""The fitted baselines: linear probes, each branch's target statistics and the depth probes."""
 NOT_IN_KEY = (
     "cache",
     "teacher",
@@ -147,6 +151,12 @@ def is_distilled(config: Config) -> bool:
     try:
         cache = TeacherCache.open(paths.cache, verify=False)
         record = json.loads((paths.output / RECORD_NAME).read_text())
+        published = [
+            paths.output / BASELINES_NAME,
+            *(paths.output / b / WEIGHTS_NAME for b in BRANCHES),
+        ]
+        if not all(path.is_file() for path in published):
+            return False  # written by an older svam
         return record.get("key") == training_key(config, cache, onestep_mode(config, cache))
     except (OSError, ValueError):
         return False
@@ -764,7 +774,7 @@ class Distiller(TrainingStage):
         """Evaluate the best decouplers against the baselines; write the output directory."""
         best_dir = self.paths.work / "best"
         models = {
-            name: Decoupler.from_pretrained(best_dir / name, device=self.device).eval()
+            name: Decoupler.from_pretrained(best_dir / name, device_map=self.device).eval()
             for name in BRANCHES
         }
         results = self._evaluate(models, None, final=True)
@@ -825,6 +835,7 @@ class Distiller(TrainingStage):
     def _write_output(self, report: dict, tmp: Path) -> None:
         for name in BRANCHES:
             shutil.copytree(self.paths.work / "best" / name, tmp / name)
+        shutil.copy2(self.paths.work / BASELINES_NAME, tmp / BASELINES_NAME)
         (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "fidelity.md").write_text(markdown(report))
         record = {

@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,15 +51,7 @@ from torch import nn
 from policy.configuration_policy import ActionHeadConfig
 from policy.layers import Attention, KeyValue, TransformerLayer, feed_forward, init_linear_layers
 from svam.flops import flop_counter
-from svam.serialization import (
-    check_expected,
-    count_parameters,
-    load_weights,
-    read_config,
-    save_model,
-)
-
-CLASS_NAME = "DiffusionActionHead"
+from svam.serialization import SvamModel, count_parameters
 
 
 @dataclass
@@ -142,13 +131,14 @@ class DenoiserBlock(nn.Module):
         )
 
 
-class DiffusionActionHead(nn.Module):
+class DiffusionActionHead(SvamModel):
     """Denoiser of normalised action chunks (B, horizon, action_dim), with its noise schedulers."""
 
+    config_class = ActionHeadConfig
+    rebuild = "re-run `svam train-policy`"
+
     def __init__(self, config: ActionHeadConfig):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         dim = config.dim
         self.cond_norm = nn.LayerNorm(config.cond_dim)
         self.cond_proj = nn.Linear(config.cond_dim, dim)
@@ -323,28 +313,6 @@ class DiffusionActionHead(nn.Module):
             )
         if not config.state_dim and cond.state is not None:
             raise ValueError("action head is built without state (state_dim=0): pass state=None")
-
-    # ----------------------------------------------------------------------------- save/load
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write `config.json` (including the noise schedule) and `model.safetensors`."""
-        return save_model(path, CLASS_NAME, self.config, self)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        expect: Mapping[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-    ) -> DiffusionActionHead:
-        """Load a saved head; `expect` maps config keys to required values. Errors are
-        ModelLoadError, one line naming the file and key."""
-        config = read_config(path, CLASS_NAME, ActionHeadConfig)
-        check_expected(path, config, expect)
-        model = cls(config)
-        load_weights(path, model)
-        return model.to(device)
 
 
 # ------------------------------------------------------------------------------------- cost

@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +42,7 @@ from torch import nn
 from policy.configuration_policy import AggregatorConfig, StreamConfig
 from policy.layers import Attention, feed_forward, init_linear_layers
 from svam.flops import flop_counter
-from svam.serialization import (
-    check_expected,
-    count_parameters,
-    load_weights,
-    read_config,
-    save_model,
-)
-
-CLASS_NAME = "UniPerceiver"
+from svam.serialization import SvamModel, count_parameters
 
 
 class StreamInput(nn.Module):
@@ -112,13 +101,14 @@ class PerceiverBlock(nn.Module):
         return x.reshape(batch, frames, queries, dim)
 
 
-class UniPerceiver(nn.Module):
+class UniPerceiver(SvamModel):
     """Conditioning streams {name: (B, T, N_s, D_s)} -> (B, T * queries_per_frame, dim)."""
 
+    config_class = AggregatorConfig
+    rebuild = "re-run `svam train-policy`"
+
     def __init__(self, config: AggregatorConfig):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         dim = config.dim
         self.inputs = nn.ModuleDict({s.name: StreamInput(s, dim) for s in config.streams})
         self.latents = nn.Parameter(
@@ -180,28 +170,6 @@ class UniPerceiver(nn.Module):
                 )
             batch = shape[0]
         return batch
-
-    # ----------------------------------------------------------------------------- save/load
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write `config.json` and `model.safetensors` into the directory `path`."""
-        return save_model(path, CLASS_NAME, self.config, self)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        expect: Mapping[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-    ) -> UniPerceiver:
-        """Load a saved aggregator; `expect` maps config keys to required values. Errors are
-        ModelLoadError, one line naming the file and key."""
-        config = read_config(path, CLASS_NAME, AggregatorConfig)
-        check_expected(path, config, expect)
-        model = cls(config)
-        load_weights(path, model)
-        return model.to(device)
 
 
 # ------------------------------------------------------------------------------------- cost

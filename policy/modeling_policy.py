@@ -13,10 +13,11 @@ foresight modes (`policy.configuration_policy.ForesightMode`).
     instruction ─► teacher's CLIP text encoder ─┼─► diffusion action head (DDIM) ─► unnormalise
     state ─► normalise ─────────────────────────┘
 
-A policy directory holds `config.json` (`ShortcutPolicyConfig`: the policy kind trained
-(onestep, shortcut, multistep or blind; a multistep policy runs any multistep:K or partial:F
-mode), the resolved model configs, and where the frozen parts live with their fingerprints) and
-`model.safetensors` (the aggregator, if any, the head and both normalisers). Loading checks the
+A policy directory is the `PolicyNet`'s diffusers model directory: `config.json`
+(`ShortcutPolicyConfig`: the policy kind trained (onestep, shortcut, multistep or blind; a
+multistep policy runs any multistep:K or partial:F mode), the resolved model configs, and where
+the frozen parts live with their fingerprints) and the weights (the aggregator, if any, the head
+and both normalisers). Loading checks the
 teacher's fingerprint (its `teacher_config.json`), the encoders' fingerprints and each
 decoupler's config and weights hash against what the policy was trained with; any difference is
 one PolicyLoadError line.
@@ -71,11 +72,9 @@ from policy.modeling_action_head import (
 )
 from policy.modeling_aggregator import UniPerceiver
 from policy.normalization import Normalizer
-from svam.data.shards import sha256_file
-from svam.serialization import ModelLoadError, load_weights, read_config, save_model
+from svam.serialization import ModelLoadError, SvamModel, weights_fingerprint
 from teachers.configuration_teacher import TeacherRuntime
 
-CLASS_NAME = "ShortcutPolicy"
 PolicyLoadError = ModelLoadError
 """The one model-directory load error, under the policy's name."""
 BRANCHES = ("semantic", "geometric")
@@ -90,11 +89,6 @@ OBS_IMAGE = "observation.image"
 OBS_STATE = "observation.state"
 TASK = "task"
 GENERATOR = "generator"
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """Short sha256 of a file's bytes (a decoupler's weights)."""
-    return sha256_file(Path(path))[:16]
 
 
 @dataclass
@@ -122,7 +116,7 @@ class ShortcutPolicyConfig:
     """Decoupler directory (shortcut mode), holding semantic/ and geometric/."""
     decoupler_configs: dict[str, Any] = field(default_factory=dict)
     decoupler_fingerprints: dict[str, str] = field(default_factory=dict)
-    """Short sha256 of each decoupler's model.safetensors."""
+    """Short sha256 of each decoupler's weights file (`weights_fingerprint`)."""
     cache: str = ""
     """The teacher cache the policy was trained on (provenance)."""
 
@@ -159,13 +153,16 @@ class ShortcutPolicyConfig:
             raise ValueError("a shortcut policy records both decouplers' configs")
 
 
-class PolicyNet(nn.Module):
+class PolicyNet(SvamModel):
     """What a policy trains and saves: aggregator, action head and the normalisers. A blind
     policy (no streams) has no aggregator: the head gets no tokens, only the instruction and the
     state (see `PolicyModelsConfig`)."""
 
+    config_class = ShortcutPolicyConfig
+    rebuild = "re-run `svam train-policy`"
+
     def __init__(self, config: ShortcutPolicyConfig):
-        super().__init__()
+        super().__init__(config)
         models = config.models
         self.aggregator = UniPerceiver(models.aggregator) if models.aggregator.streams else None
         self.head = DiffusionActionHead(models.action_head)
@@ -471,7 +468,7 @@ class ShortcutPolicy:
     # ---------------------------------------------------------------------------- save/load
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        return save_policy(path, self.config, self.net)
+        return self.net.save_pretrained(path)
 
     @classmethod
     def from_pretrained(
@@ -488,16 +485,13 @@ class ShortcutPolicy:
         override their directories), to act in `mode` (default: the mode it was trained for);
         every fingerprint is checked. The teacher runs with the runtime the policy records;
         `teacher_runtime`, when given, must equal it."""
-        # Policies saved before they recorded a teacher runtime were made with the defaults.
-        legacy = {"teacher_runtime": TeacherRuntime().to_record()}
-        config = read_config(path, CLASS_NAME, ShortcutPolicyConfig, added_keys=legacy)
+        net = PolicyNet.from_pretrained(path, device_map=device)
+        config = net.config
         if mode is not None and parse_mode(mode).policy_kind != config.mode:
             raise PolicyLoadError(
                 f"{path}: a {config.mode} policy cannot act in mode '{mode}' (it needs a "
                 f"{parse_mode(mode).policy_kind} policy)"
             )
-        net = PolicyNet(config)
-        load_weights(path, net)
         frozen = load_frozen(
             config,
             teacher=teacher,
@@ -506,12 +500,7 @@ class ShortcutPolicy:
             device=device,
             where=Path(path),
         )
-        return cls(config, net.to(device), frozen, mode)
-
-
-def save_policy(path: str | os.PathLike, config: ShortcutPolicyConfig, net: PolicyNet) -> Path:
-    config.validate()
-    return save_model(path, CLASS_NAME, config, net)
+        return cls(config, net, frozen, mode)
 
 
 def load_frozen(
@@ -566,13 +555,13 @@ def load_frozen(
         root = Path(decouplers or config.decouplers or "")
         for branch in BRANCHES:
             directory = root / branch
-            model = Decoupler.from_pretrained(directory, device=device)
+            model = Decoupler.from_pretrained(directory, device_map=device)
             if dataclasses.asdict(model.config) != config.decoupler_configs[branch]:
                 raise PolicyLoadError(
                     f"{directory}: decoupler config differs from the one the policy was trained "
                     f"with ({source})"
                 )
-            found = file_fingerprint(directory / "model.safetensors")
+            found = weights_fingerprint(directory)
             recorded = config.decoupler_fingerprints.get(branch)
             if found != recorded:
                 raise PolicyLoadError(

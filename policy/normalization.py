@@ -1,7 +1,7 @@
 """Per-dimension normalisation of actions and state with statistics of the training data.
 
 A `Normalizer` is a module whose buffers hold the statistics (count, min, max, mean, std), so it
-saves and loads inside a policy's `model.safetensors`, or on its own as a directory. Modes:
+saves and loads inside a policy's weights, or on its own as a diffusers model directory. Modes:
 
 - `min_max`: [min, max] -> [-1, 1] per dimension (Diffusion Policy's default for actions; what
   the action head's clip_sample assumes);
@@ -14,20 +14,16 @@ does; normalize/unnormalize stay exact inverses.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from policy.configuration_policy import NORMALIZATION_MODES
-from svam.serialization import check_expected, load_weights, read_config, save_model
-
-CLASS_NAME = "Normalizer"
+from svam.serialization import SvamModel
 
 
 @dataclass
@@ -49,13 +45,14 @@ class NormalizerConfig:
             raise ValueError(f"normalizer: eps={self.eps} must be positive")
 
 
-class Normalizer(nn.Module):
+class Normalizer(SvamModel):
     """Normalise the last dimension (size `dim`) of tensors with fitted per-dimension statistics."""
 
+    config_class = NormalizerConfig
+    rebuild = "re-run `svam train-policy`"
+
     def __init__(self, dim: int, mode: str = "min_max", eps: float = 1e-4):
-        super().__init__()
-        self.config = NormalizerConfig(dim, mode, eps)
-        self.config.validate()
+        super().__init__(NormalizerConfig(dim, mode, eps))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         for name in ("minimum", "maximum", "mean", "std"):
             self.register_buffer(name, torch.zeros(dim))
@@ -131,18 +128,6 @@ class Normalizer(nn.Module):
         scale, offset = self._affine(y)
         return ((y.double() - offset.to(y.device)) / scale.to(y.device)).to(y.dtype)
 
-    # ----------------------------------------------------------------------------- save/load
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write `config.json` (dim, mode, eps) and `model.safetensors` (the statistics)."""
-        return save_model(path, CLASS_NAME, self.config, self)
-
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, expect: Mapping[str, Any] | None = None
-    ) -> Normalizer:
-        config = read_config(path, CLASS_NAME, NormalizerConfig)
-        check_expected(path, config, expect)
-        normalizer = cls(config.dim, config.mode, config.eps)
-        load_weights(path, normalizer)
-        return normalizer
+    def init_kwargs(cls, config: NormalizerConfig) -> dict[str, Any]:
+        return dataclasses.asdict(config)

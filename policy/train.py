@@ -52,8 +52,6 @@ from policy.modeling_policy import (
     PolicyNet,
     ShortcutPolicyConfig,
     features_to_tokens,
-    file_fingerprint,
-    save_policy,
 )
 from svam.config import Config, config_hash, to_dict
 from svam.data.teacher_cache import (
@@ -67,6 +65,7 @@ from svam.data.teacher_cache import (
 )
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
+from svam.serialization import WEIGHTS_NAME, weights_fingerprint
 from svam.training import LoopSettings, TrainingLoop, TrainingStage
 
 RECORD_NAME = "train_policy.json"
@@ -110,7 +109,7 @@ def policy_paths(config: Config) -> PolicyPaths:
 
 
 def _decoupler_fingerprints(paths: PolicyPaths) -> dict[str, str]:
-    return {b: file_fingerprint(paths.decouplers / b / "model.safetensors") for b in BRANCHES}
+    return {b: weights_fingerprint(paths.decouplers / b) for b in BRANCHES}
 
 
 def reads_onestep(mode: str) -> bool:
@@ -159,7 +158,8 @@ def is_policy_trained(config: Config) -> bool:
         cache = TeacherCache.open(paths.cache, verify=False)
         record = json.loads((paths.output / RECORD_NAME).read_text())
         key = training_key(config, cache, policy_onestep_source(config, cache), paths)
-        return record.get("key") == key
+        # weights under another name: a directory written by an older svam
+        return record.get("key") == key and (paths.output / WEIGHTS_NAME).is_file()
     except (OSError, ValueError):
         return False
 
@@ -260,7 +260,7 @@ class PolicyTrainer(TrainingStage):
         self.source = policy_onestep_source(config, self.cache)  # None: blind
         if self.mode == "shortcut":
             for branch in BRANCHES:
-                if not (paths.decouplers / branch / "model.safetensors").is_file():
+                if not (paths.decouplers / branch / WEIGHTS_NAME).is_file():
                     raise PolicyTrainError(
                         f"train_policy.mode=shortcut needs decouplers, but {paths.decouplers / branch}"
                         " holds none: run `svam distill` first or set train_policy.decouplers"
@@ -307,7 +307,9 @@ class PolicyTrainer(TrainingStage):
             return
         dims = manifest["dims"]
         for branch in BRANCHES:
-            model = Decoupler.from_pretrained(self.paths.decouplers / branch, device=self.device)
+            model = Decoupler.from_pretrained(
+                self.paths.decouplers / branch, device_map=self.device
+            )
             cfg = model.config
             tokens, dim = dims[branch]
             found = {
@@ -536,7 +538,7 @@ class PolicyTrainer(TrainingStage):
         self.loop.log(step, results)
         if not self.loop.is_main:
             return
-        save_policy(into, self.policy_config, net)
+        net.save_pretrained(into)
         history = self.loop.history
         record = {
             "key": self.key,

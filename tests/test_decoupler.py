@@ -23,6 +23,7 @@ from distill import (
     published_decouplers,
 )
 from svam.flops import flop_counter
+from svam.serialization import WEIGHTS_NAME
 
 ONE_STEP_GFLOPS = 2749
 """SVD's one-step pass up to up-block 1 at 256 px, 16 frames (DESIGN.md)."""
@@ -114,7 +115,7 @@ def test_save_load_round_trip(tmp_path):
     model = build(config)
     features, reference = example_inputs(config, batch=2)
     path = model.save_pretrained(tmp_path / "semantic")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", WEIGHTS_NAME]
     record = json.loads((path / "config.json").read_text())
     assert (record["encoder"], record["target_dim"], record["target_tokens"]) == (
         "dinov2-vits14:abc123",
@@ -136,7 +137,7 @@ def test_load_errors(tmp_path):
     (path / "config.json").write_text(json.dumps({**record, "target_dim": 768}))
     with pytest.raises(
         DecouplerLoadError,
-        match=r"model\.safetensors: 'head\.bias' has shape \(384,\), config\.json implies \(768,\)",
+        match=rf"{WEIGHTS_NAME}: 'head\.bias' has shape \(384,\), config\.json implies \(768,\)",
     ):
         Decoupler.from_pretrained(path)
     (path / "config.json").write_text(json.dumps({**record, "reference": False}))
@@ -147,8 +148,8 @@ def test_load_errors(tmp_path):
         Decoupler.from_pretrained(path)
 
     (path / "config.json").write_text(json.dumps(record))
-    (path / "model.safetensors").unlink()
-    with pytest.raises(DecouplerLoadError, match=r"model\.safetensors: missing"):
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(DecouplerLoadError, match=rf"{WEIGHTS_NAME}: missing"):
         Decoupler.from_pretrained(path)
     with pytest.raises(DecouplerLoadError, match=r"config\.json: missing"):
         Decoupler.from_pretrained(tmp_path / "nowhere")
@@ -255,3 +256,42 @@ def test_training_lowers_the_loss_on_a_learnable_mapping():
     with torch.no_grad():
         after = loss_on(held_out).item()
     assert after < 0.3 * before, (before, after)
+
+
+def test_mixin_round_trip_honours_dtype_and_device(tmp_path):
+    config = tiny()
+    model = build(config).eval()
+    features, reference = example_inputs(config, batch=2)
+    path = model.save_pretrained(tmp_path / "semantic")
+    record = json.loads((path / "config.json").read_text())
+    assert record["_class_name"] == "Decoupler" and record["target_dim"] == config.target_dim
+    loaded = Decoupler.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="cpu")
+    assert loaded.config == config and not loaded.training
+    assert {(p.dtype, p.device.type) for p in loaded.parameters()} == {(torch.bfloat16, "cpu")}
+    with torch.no_grad():
+        again = Decoupler.from_pretrained(path)
+        assert torch.equal(again(features, reference), model(features, reference))
+    if torch.cuda.is_available():
+        on_gpu = Decoupler.from_pretrained(path, device_map="cuda")
+        assert next(on_gpu.parameters()).device.type == "cuda"
+
+
+def test_old_format_directory_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "semantic"
+    path.mkdir()
+    old = {"_class_name": "Decoupler", "_format_version": 1, **dataclasses.asdict(tiny())}
+    (path / "config.json").write_text(json.dumps(old))
+    (path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DecouplerLoadError) as error:
+        Decoupler.from_pretrained(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path / "config.json") in message
+    assert "written by an older svam" in message and "re-run `svam distill`" in message
+
+
+def test_corrupt_weights_one_line(tmp_path):
+    path = build(tiny()).save_pretrained(tmp_path / "decoupler")
+    (path / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(DecouplerLoadError, match="not a readable safetensors file") as error:
+        Decoupler.from_pretrained(path)
+    assert "\n" not in str(error.value) and str(path / WEIGHTS_NAME) in str(error.value)

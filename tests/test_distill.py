@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from test_cache import MICRO
 from torch.utils.data import DataLoader
 
 from distill.modeling_decoupler import Decoupler
-from distill.train import Distiller, distill, distill_paths, is_distilled
+from distill.train import BASELINES_NAME, Distiller, distill, distill_paths, is_distilled
 from svam.cli import main
 from svam.config import load_config
 from svam.data.schema import SchemaError
 from svam.data.teacher_cache import TeacherCacheClips, write_teacher_cache
+from svam.serialization import WEIGHTS_NAME
 from svam.training import TrainingLoop
 from teachers.configuration_encoders import EncodersConfig
 from teachers.encoders import GeometricEncoder
@@ -217,6 +219,14 @@ def test_learns_the_learnable_and_beats_both_baselines(caches, tmp_path):
     assert not is_distilled(
         load_config("tiny", [*overrides(tmp_path, caches["learnable"]), "distill.steps=151"])
     )
+    # what the report needs is published with the decouplers, not only in the scratch directory
+    work = out.with_name(out.name + "-train")
+    assert (out / BASELINES_NAME).read_bytes() == (work / BASELINES_NAME).read_bytes()
+    shutil.rmtree(work)
+    from svam.eval.evaluate import Evaluation
+
+    evaluation = Evaluation(load_config("tiny", overrides(tmp_path, caches["learnable"])))
+    assert evaluation.baselines == out / BASELINES_NAME
 
 
 def test_does_not_beat_the_baselines_on_noise(caches, tmp_path):
@@ -412,7 +422,7 @@ def test_selection_never_reads_the_test_split(caches, tmp_path):
             "tiny", overrides(root, source, "distill.steps=20", "distill.eval_every=10")
         )
         out = distill(config)
-        weights[name] = {b: (out / b / "model.safetensors").read_bytes() for b in DIMS}
+        weights[name] = {b: (out / b / WEIGHTS_NAME).read_bytes() for b in DIMS}
         report = report_of(root)
         assert report["split"] == "test" and report["clips"] == 32
     assert weights["original"] == weights["swapped"]

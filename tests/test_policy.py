@@ -23,6 +23,7 @@ from policy.modeling_policy import BRANCHES, PolicyLoadError, ShortcutPolicy
 from policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.config import load_config
 from svam.data.teacher_cache import write_teacher_cache
+from svam.serialization import WEIGHTS_NAME
 from teachers.configuration_teacher import TeacherRuntime
 from teachers.encoders import build_encoders
 from teachers.modeling_teacher import VideoTeacher
@@ -201,7 +202,7 @@ def test_fingerprint_mismatch_refused(world, trained, tmp_path):
     assert "\n" not in str(error.value)
     # changed decoupler weights
     shutil.copytree(root / "decouplers", tmp_path / "decouplers")
-    weights = tmp_path / "decouplers" / "semantic" / "model.safetensors"
+    weights = tmp_path / "decouplers" / "semantic" / WEIGHTS_NAME
     model = Decoupler.from_pretrained(weights.parent)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
@@ -235,10 +236,6 @@ def test_policy_runs_the_teacher_runtime_it_records(world, trained, tmp_path):
     quieter = TeacherRuntime(feature_sigma=1.0).to_record()
     (policy / "config.json").write_text(json.dumps({**record, "teacher_runtime": quieter}))
     assert ShortcutPolicy.from_pretrained(policy).frozen.pipeline.runtime.feature_sigma == 1.0
-    # A policy saved before policies recorded a runtime loads with the defaults.
-    legacy = {k: v for k, v in record.items() if k != "teacher_runtime"}
-    (policy / "config.json").write_text(json.dumps(legacy))
-    assert ShortcutPolicy.from_pretrained(policy).config.teacher_runtime == TeacherRuntime()
 
     # Training on the cache with a conflicting teacher setting is refused in one line.
     config = load_config("micro", overrides(root, cache, "onestep", "teacher.guidance_scale=2.0"))
@@ -275,7 +272,7 @@ def test_train_lowers_loss_and_resumes_exactly(world, tmp_path, mode):
     history = state["history"]
     assert np.mean(history[-10:]) < 0.6 * np.mean(history[:5]), history
     assert is_policy_trained(config)
-    weights = load_file(out / "model.safetensors")
+    weights = load_file(out / WEIGHTS_NAME)
 
     # resume from step 30: the same weights as the uninterrupted run
     work = out.with_name(out.name + "-train") / "checkpoints"
@@ -283,7 +280,7 @@ def test_train_lowers_loss_and_resumes_exactly(world, tmp_path, mode):
     shutil.rmtree(out)
     assert not is_policy_trained(config)
     out = train_policy(load_config("micro", args))
-    resumed = load_file(out / "model.safetensors")
+    resumed = load_file(out / WEIGHTS_NAME)
     assert weights.keys() == resumed.keys()
     for key, tensor in weights.items():
         assert torch.equal(tensor, resumed[key]), key
@@ -351,7 +348,7 @@ def test_blind_policy_sees_state_and_instruction_only(world, trained):
     path = trained["blind"]
     record = json.loads((path / "train_policy.json").read_text())
     assert record["mode"] == "blind" and record["onestep"] is None
-    assert not [k for k in load_file(path / "model.safetensors") if k.startswith("aggregator.")]
+    assert not [k for k in load_file(path / WEIGHTS_NAME) if k.startswith("aggregator.")]
     policy = ShortcutPolicy.from_pretrained(path)
     config = policy.config
     assert config.models.aggregator.streams == [] and config.models.action_head.cond_tokens == 0
@@ -534,7 +531,7 @@ def test_eval_reports_every_mode_and_reuses_what_did_not_change(trained, world, 
     root, _ = world
     for kind in ("shortcut", "multistep", "blind"):  # no onestep policy: reported as missing
         shutil.copytree(trained[kind], tmp_path / "run" / "policy" / kind)
-    write_baselines(tmp_path / "run" / "decouplers-train" / "baselines.pt", trained)
+    write_baselines(tmp_path / "run" / "decouplers" / "baselines.pt", trained)
     modes = "eval.modes=[onestep,shortcut,multistep:2,partial:0.5,blind]"
     config = load_config("micro", eval_overrides(root, tmp_path, modes))
     assert not is_evaluated(config)
@@ -661,3 +658,33 @@ def test_eval_refuses_a_policy_of_other_teacher_settings_than_its_cache(
     err = capsys.readouterr().err.strip()
     assert "teacher.feature_up_blocks=[1] where [0, 1] is recorded" in err and "\n" not in err
     assert "svam train-policy" in err
+
+
+def test_eval_refuses_decouplers_without_baselines(world, trained, tmp_path, capsys):
+    """Decouplers published before distill wrote its baselines beside them: one line saying how
+    to rebuild, not a report without its foresight columns."""
+    from svam.cli import main
+
+    root, _ = world
+    shutil.copytree(trained["shortcut"], tmp_path / "run" / "policy" / "shortcut")
+    shutil.copytree(root / "decouplers", tmp_path / "run" / "decouplers")
+    assert main(["eval", *eval_overrides(root, tmp_path, "eval.modes=[shortcut]")]) == 1
+    err = capsys.readouterr().err.strip()
+    path = tmp_path / "run" / "decouplers" / "baselines.pt"
+    assert f"{path}: missing" in err and "re-run `svam distill`" in err and "\n" not in err
+
+
+def test_old_format_policy_is_refused_in_one_line(trained, tmp_path):
+    old = tmp_path / "policy"
+    shutil.copytree(trained["blind"], old)
+    record = json.loads((old / "config.json").read_text())
+    record = {k: v for k, v in record.items() if not k.startswith("_")}
+    (old / "config.json").write_text(
+        json.dumps({"_class_name": "ShortcutPolicy", "_format_version": 1, **record})
+    )
+    (old / WEIGHTS_NAME).rename(old / "model.safetensors")
+    with pytest.raises(PolicyLoadError) as error:
+        ShortcutPolicy.from_pretrained(old)
+    message = str(error.value)
+    assert "\n" not in message and "written by an older svam" in message
+    assert "re-run `svam train-policy`" in message

@@ -34,6 +34,7 @@ from policy import (
     published_policy_models,
 )
 from svam.flops import flop_counter
+from svam.serialization import WEIGHTS_NAME
 
 ONE_STEP_GFLOPS = 2749
 """SVD's one-step pass up to up-block 1 at 256 px, 16 frames (DESIGN.md)."""
@@ -437,7 +438,7 @@ def test_sampling_is_deterministic_and_survives_save_load(trained_toy_head, tmp_
     assert not torch.allclose(first, sample(head, 7, steps=4))
 
     path = head.save_pretrained(tmp_path / "head")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", WEIGHTS_NAME]
     assert json.loads((path / "config.json").read_text())["prediction_type"] == "sample"
     loaded = DiffusionActionHead.from_pretrained(path, expect={"action_dim": 2, "horizon": 4})
     assert loaded.config == head.config
@@ -469,7 +470,7 @@ def test_load_errors_name_file_and_key(tmp_path):
     streams[2]["dim"] = 20
     with pytest.raises(
         PolicyLoadError,
-        match=r"model\.safetensors: 'inputs\.geometric\.norm\.\w+' has shape \(14,\), "
+        match=rf"{WEIGHTS_NAME}: 'inputs\.geometric\.norm\.\w+' has shape \(14,\), "
         r"config\.json implies \(20,\)",
     ):
         load_with({**record, "streams": streams})
@@ -487,8 +488,8 @@ def test_load_errors_name_file_and_key(tmp_path):
         DiffusionActionHead.from_pretrained(path)
     with pytest.raises(PolicyLoadError, match=r"config\.json: depth=2, expected 6"):
         UniPerceiver.from_pretrained(path, expect={"depth": 6})
-    (path / "model.safetensors").unlink()
-    with pytest.raises(PolicyLoadError, match=r"model\.safetensors: missing"):
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(PolicyLoadError, match=rf"{WEIGHTS_NAME}: missing"):
         UniPerceiver.from_pretrained(path)
     with pytest.raises(PolicyLoadError, match=r"config\.json: missing"):
         UniPerceiver.from_pretrained(tmp_path / "nowhere")
@@ -573,3 +574,40 @@ def test_flop_counts_match_real_forwards():
     with flop_counter() as counter, torch.no_grad():
         head.denoise(torch.randn(2, 4, 3), torch.tensor([5, 9]), encoded)
     assert (condition, counter.get_total_flops()) == tuple(action_head_flops(head_config, 2))
+
+
+@pytest.mark.parametrize("model_class", [UniPerceiver, DiffusionActionHead, Normalizer])
+def test_mixin_round_trip_honours_dtype_and_device(model_class, tmp_path):
+    if model_class is Normalizer:
+        model = Normalizer(4).fit([torch.randn(10, 4)])
+        inputs, run = torch.randn(3, 4), lambda m, x: m.normalize(x)
+    elif model_class is UniPerceiver:
+        model = seeded(UniPerceiver, tiny_aggregator())
+        inputs, run = example_streams(model.config, batch=2), lambda m, x: m(x)
+    else:
+        model = seeded(DiffusionActionHead, tiny_head())
+        inputs = example_condition(model.config, batch=2)
+        run = lambda m, x: m.encode(x).key_values[0][0]  # noqa: E731
+    path = model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", WEIGHTS_NAME]
+    assert json.loads((path / "config.json").read_text())["_class_name"] == model_class.__name__
+    loaded = model_class.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="cpu")
+    assert loaded.config == model.config
+    floats = {p.dtype for p in loaded.state_dict().values() if p.is_floating_point()}
+    assert floats == {torch.bfloat16}
+    assert {p.device.type for p in loaded.state_dict().values()} == {"cpu"}
+    with torch.no_grad():
+        again = model_class.from_pretrained(path)
+        assert torch.equal(run(again.eval(), inputs), run(model.eval(), inputs))
+
+
+def test_old_format_directory_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "aggregator"
+    path.mkdir()
+    old = {"_class_name": "UniPerceiver", "_format_version": 1}
+    (path / "config.json").write_text(json.dumps({**old, **dataclasses.asdict(tiny_aggregator())}))
+    with pytest.raises(PolicyLoadError) as error:
+        UniPerceiver.from_pretrained(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path / "config.json") in message
+    assert "written by an older svam" in message and "re-run `svam train-policy`" in message

@@ -42,6 +42,7 @@ from policy.configuration_train import mode_dirname
 from svam.config import Config, config_hash
 from svam.data.shards import sha256_file, write_json_atomic
 from svam.rundir import RunDir
+from svam.serialization import WEIGHTS_NAME
 
 REPORT_JSON = "report.json"
 FIDELITY_VERSION = (
@@ -68,9 +69,7 @@ class Target:
     @property
     def missing(self) -> str | None:
         """Why the mode cannot be evaluated, or None."""
-        if (self.policy / "config.json").is_file() and (
-            self.policy / "model.safetensors"
-        ).is_file():
+        if (self.policy / "config.json").is_file() and (self.policy / WEIGHTS_NAME).is_file():
             return None
         return (
             f"no policy at {self.policy} (run `svam train-policy "
@@ -138,7 +137,7 @@ def _policy_key(config: Config, target: Target) -> str | None:
         [
             target.mode,
             _file_digest(target.policy / "config.json"),
-            _file_digest(target.policy / "model.safetensors"),
+            _file_digest(target.policy / WEIGHTS_NAME),
             config.eval.teacher,
             config.eval.decouplers,
             config.run.seed,
@@ -225,11 +224,18 @@ class Evaluation:
         return {}
 
     def _baselines_path(self) -> Path:
-        run = RunDir.from_config(self.config)
-        decouplers = Path(self.args.decouplers or self.config.distill.output_dir or run.decouplers)
+        """Distill's fitted baselines, published beside the decouplers; a decouplers directory
+        without them was written by an older svam (no decouplers: foresight is not measured)."""
         from distill.train import BASELINES_NAME
 
-        return decouplers.with_name(decouplers.name + "-train") / BASELINES_NAME
+        run = RunDir.from_config(self.config)
+        decouplers = Path(self.args.decouplers or self.config.distill.output_dir or run.decouplers)
+        path = decouplers / BASELINES_NAME
+        if decouplers.is_dir() and not path.is_file():
+            raise EvalError(
+                f"{path}: missing (decouplers written by an older svam): re-run `svam distill`"
+            )
+        return path
 
     def mode_dir(self, target: Target) -> Path:
         return self.root / mode_dirname(target.mode)
