@@ -6,8 +6,8 @@ does not import torch.
 
 import importlib
 
-_CONFIGURATION = "distill.configuration_decoupler"
-_MODELING = "distill.modeling_decoupler"
+_CONFIGURATION = "svam.distill.configuration_decoupler"
+_MODELING = "svam.distill.modeling_decoupler"
 _EXPORTS = {
     "BRANCHES": _CONFIGURATION,
     "DecouplerConfig": _CONFIGURATION,
@@ -28,5 +28,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'distill' has no attribute '{name}'")
+        raise AttributeError(f"module {__name__!r} has no attribute '{name}'")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

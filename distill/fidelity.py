@@ -22,7 +22,7 @@ Baselines, on the same clips:
   the decoupler's input is, to the target token; closed-form ridge regression on the train split.
 
 Depth (geometric branch). Depth Anything 3's DPT head decodes depth from all four of its
-out-layers together (`teachers.encoders.GeometricEncoder.depth`), so it cannot decode the single
+out-layers together (`svam.teachers.encoders.GeometricEncoder.depth`), so it cannot decode the single
 layer the targets come from, nor a prediction of it. Instead linear depth probes are fitted on the
 train split, closed-form ridge from a geometric token to the log depth of its patch (at
 `DEPTH_SUBPATCH` x `DEPTH_SUBPATCH` sub-patches), against two truths:
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from distill.modeling_decoupler import resample_grid
+from svam.distill.modeling_decoupler import resample_grid
 
 METHODS = ("decoupler", "nothing_moves", "linear_probe")
 BASELINES = METHODS[1:]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.configuration_decoupler import DecouplerConfig, DecouplersConfig
+from svam.distill.configuration_decoupler import DecouplerConfig, DecouplersConfig
 from svam.flops import flop_counter
 from svam.serialization import ModelLoadError, SvamModel
 

@@ -30,7 +30,6 @@ Tensorboard scalars go to `<run>/tb/distill/`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -48,8 +47,21 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-from distill.configuration_decoupler import BRANCHES, DecouplerConfig, DecouplersConfig
-from distill.fidelity import (
+from svam.config import Config, to_dict
+from svam.data.episodes import SPLITS
+from svam.data.teacher_cache import (
+    CACHED,
+    CURRENT,
+    ON_THE_FLY,
+    TARGETS,
+    TeacherCache,
+    cache_key_parts,
+    loader_settings,
+    onestep_source,
+    teacher_cache_loader,
+)
+from svam.distill.configuration_decoupler import BRANCHES, DecouplerConfig, DecouplersConfig
+from svam.distill.fidelity import (
     BASELINES,
     DEPTH_SUBPATCH,
     METHODS,
@@ -66,20 +78,8 @@ from distill.fidelity import (
     summarize_depth,
     summarize_tokens,
 )
-from distill.modeling_decoupler import Decoupler, build_decouplers
-from svam.config import Config, config_hash, to_dict
-from svam.data.episodes import SPLITS
-from svam.data.teacher_cache import (
-    CACHED,
-    CURRENT,
-    ON_THE_FLY,
-    TARGETS,
-    TeacherCache,
-    cache_key_parts,
-    loader_settings,
-    onestep_source,
-    teacher_cache_loader,
-)
+from svam.distill.modeling_decoupler import Decoupler, build_decouplers
+from svam.hashing import file_digest, json_digest
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
 from svam.serialization import WEIGHTS_NAME
@@ -142,7 +142,7 @@ def training_key(config: Config, cache: TeacherCache, mode: str) -> str:
         "distill": {**settings, **loader_settings(config.distill, config.data)},
         **cache_key_parts(config, cache, mode),
     }
-    return config_hash(parts)
+    return json_digest(parts)
 
 
 def is_distilled(config: Config) -> bool:
@@ -332,8 +332,8 @@ class Distiller(TrainingStage):
     # ------------------------------------------------------------------------------ inputs
 
     def _load_teacher(self) -> None:
-        from teachers.modeling_teacher import check_cache_teacher
-        from teachers.pipeline_teacher import TeacherPipeline
+        from svam.teachers.modeling_teacher import check_cache_teacher
+        from svam.teachers.pipeline_teacher import TeacherPipeline
 
         # The cache holds no one-step features, so the teacher that made it computes them.
         teacher_dir = self.paths.teacher
@@ -447,9 +447,9 @@ class Distiller(TrainingStage):
     def _depth_encoder(self) -> tuple[Any, str | None]:
         """(the cache's geometric encoder, None), for DA3 depth of the generated frames, or
         (None, a note on why there is none)."""
-        from teachers.cache import DTYPES
-        from teachers.configuration_encoders import EncodersConfig
-        from teachers.encoders import GeometricEncoder
+        from svam.teachers.cache import DTYPES
+        from svam.teachers.configuration_encoders import EncodersConfig
+        from svam.teachers.encoders import GeometricEncoder
 
         manifest = self.cache.manifest
         cfg = EncodersConfig(**manifest["encoders"])
@@ -754,7 +754,7 @@ class Distiller(TrainingStage):
     def resume_record(self) -> dict[str, Any]:
         return {
             "decouplers": to_dict(self.decouplers),
-            "cache": hashlib.sha256(self.cache.manifest_path.read_bytes()).hexdigest(),
+            "cache": file_digest(self.cache.manifest_path),
             "onestep": self.mode,
             "batch_size": self.args.batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,

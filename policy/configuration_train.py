@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policy.configuration_policy import POLICY_KINDS
+from svam.policy.configuration_policy import POLICY_KINDS
 
 ONESTEP_SOURCES = ("auto", "cached", "on-the-fly")
 MIXED_PRECISION = ("no", "fp16", "bf16")

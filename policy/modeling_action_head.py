@@ -48,9 +48,15 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from policy.configuration_policy import ActionHeadConfig
-from policy.layers import Attention, KeyValue, TransformerLayer, feed_forward, init_linear_layers
 from svam.flops import flop_counter
+from svam.policy.configuration_policy import ActionHeadConfig
+from svam.policy.layers import (
+    Attention,
+    KeyValue,
+    TransformerLayer,
+    feed_forward,
+    init_linear_layers,
+)
 from svam.serialization import SvamModel, count_parameters
 
 
@@ -78,7 +84,7 @@ class EncodedCondition:
 
 Generators = torch.Generator | list[torch.Generator] | None
 """One generator for the batch, or one per batch row (diffusers' convention, as the teacher's
-`teachers.modeling_teacher.Generators`)."""
+`svam.teachers.modeling_teacher.Generators`)."""
 
 
 def check_generators(generator: Generators, batch: int) -> None:

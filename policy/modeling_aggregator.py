@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy.configuration_policy import AggregatorConfig, StreamConfig
-from policy.layers import Attention, feed_forward, init_linear_layers
 from svam.flops import flop_counter
+from svam.policy.configuration_policy import AggregatorConfig, StreamConfig
+from svam.policy.layers import Attention, feed_forward, init_linear_layers
 from svam.serialization import SvamModel, count_parameters
 
 

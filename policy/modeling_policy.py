@@ -1,5 +1,5 @@
 """`ShortcutPolicy`: (current frame, instruction[, state]) -> action chunk, in one of the
-foresight modes (`policy.configuration_policy.ForesightMode`).
+foresight modes (`svam.policy.configuration_policy.ForesightMode`).
 
     shortcut     teacher one-step pass ─► features ─┬────────────────────────────► onestep
                  current frame ─► DINOv2 / DA3 ─► reference tokens ─► decouplers ─► semantic,
@@ -58,22 +58,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from policy.configuration_policy import (
+from svam.policy.configuration_policy import (
     POLICY_KINDS,
     PolicyModelsConfig,
     foresight_streams,
     parse_mode,
 )
-from policy.modeling_action_head import (
+from svam.policy.modeling_action_head import (
     ActionCondition,
     DiffusionActionHead,
     Generators,
     check_generators,
 )
-from policy.modeling_aggregator import UniPerceiver
-from policy.normalization import Normalizer
+from svam.policy.modeling_aggregator import UniPerceiver
+from svam.policy.normalization import Normalizer
 from svam.serialization import ModelLoadError, SvamModel, weights_fingerprint
-from teachers.configuration_teacher import TeacherRuntime
+from svam.teachers.configuration_teacher import TeacherRuntime
 
 PolicyLoadError = ModelLoadError
 """The one model-directory load error, under the policy's name."""
@@ -515,11 +515,11 @@ def load_frozen(
     """The teacher pipeline, encoders and decouplers a policy config names, each checked against
     the fingerprints it records; the teacher runs with the recorded runtime, which an explicit
     `teacher_runtime` must equal."""
-    from distill.modeling_decoupler import Decoupler
-    from teachers.configuration_encoders import EncodersConfig
-    from teachers.encoders import build_encoders
-    from teachers.modeling_teacher import read_teacher_record
-    from teachers.pipeline_teacher import TeacherPipeline
+    from svam.distill.modeling_decoupler import Decoupler
+    from svam.teachers.configuration_encoders import EncodersConfig
+    from svam.teachers.encoders import build_encoders
+    from svam.teachers.modeling_teacher import read_teacher_record
+    from svam.teachers.pipeline_teacher import TeacherPipeline
 
     source = f"{where}/config.json" if isinstance(where, Path) else where
     teacher_dir = Path(teacher or config.teacher)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policy.configuration_policy import NORMALIZATION_MODES
+from svam.policy.configuration_policy import NORMALIZATION_MODES
 from svam.serialization import SvamModel
 
 

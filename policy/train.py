@@ -40,20 +40,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from policy.configuration_policy import (
-    AggregatorConfig,
-    PolicyModelsConfig,
-    StreamConfig,
-    foresight_streams,
-)
-from policy.configuration_train import mode_dirname
-from policy.modeling_policy import (
-    BRANCHES,
-    PolicyNet,
-    ShortcutPolicyConfig,
-    features_to_tokens,
-)
-from svam.config import Config, config_hash, to_dict
+from svam.config import Config, to_dict
 from svam.data.teacher_cache import (
     CACHED,
     CURRENT,
@@ -62,6 +49,20 @@ from svam.data.teacher_cache import (
     loader_settings,
     onestep_source,
     teacher_cache_loader,
+)
+from svam.hashing import json_digest
+from svam.policy.configuration_policy import (
+    AggregatorConfig,
+    PolicyModelsConfig,
+    StreamConfig,
+    foresight_streams,
+)
+from svam.policy.configuration_train import mode_dirname
+from svam.policy.modeling_policy import (
+    BRANCHES,
+    PolicyNet,
+    ShortcutPolicyConfig,
+    features_to_tokens,
 )
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
@@ -148,7 +149,7 @@ def training_key(
         parts.pop("onestep", None)
     if args.mode == "shortcut":
         parts["decouplers"] = _decoupler_fingerprints(paths)
-    return config_hash(parts)
+    return json_digest(parts)
 
 
 def is_policy_trained(config: Config) -> bool:
@@ -285,9 +286,9 @@ class PolicyTrainer(TrainingStage):
     # ------------------------------------------------------------------------------ inputs
 
     def _load_frozen(self) -> None:
-        from distill.modeling_decoupler import Decoupler
-        from teachers.modeling_teacher import check_cache_teacher
-        from teachers.pipeline_teacher import TeacherPipeline
+        from svam.distill.modeling_decoupler import Decoupler
+        from svam.teachers.modeling_teacher import check_cache_teacher
+        from svam.teachers.pipeline_teacher import TeacherPipeline
 
         # The policy runs the cache's teacher (instruction encoder, one-step pass at inference).
         teacher_dir, manifest = self.paths.teacher, self.cache.manifest
@@ -498,9 +499,8 @@ class PolicyTrainer(TrainingStage):
     def loss(self, model, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict]:
         """The diffusion noise and timesteps come from a generator seeded by (run seed, process,
         micro step), so a resumed run draws what the uninterrupted one did."""
-        generator = torch.Generator().manual_seed(
-            (self.config.run.seed * 1_000_003 + self.loop.accelerator.process_index) * 1_000_000_007
-            + micro_step
+        generator = keyed_generator(
+            self.config.run.seed, "policy-train", self.loop.accelerator.process_index, micro_step
         )
         inputs = self._inputs(batch)
         with self.loop.accelerator.autocast():
@@ -516,7 +516,7 @@ class PolicyTrainer(TrainingStage):
         """Denoising loss and sampled-chunk error (MSE of unnormalised actions, and of the
         normalised ones) on validation clips, with a fixed generator."""
         net.eval()
-        generator = torch.Generator(self.device).manual_seed(self.config.run.seed)
+        generator = keyed_generator(self.config.run.seed, "policy-val", device=self.device)
         loader = self._loader("val", self._arrays(), shuffle=False, max_clips=self.args.val_clips)
         sums = {"loss": 0.0, "action_mse": 0.0, "action_mse_normalized": 0.0}
         clips = 0
@@ -568,7 +568,7 @@ def train_policy(config: Config, out_dir: str | Path | None = None) -> Path:
 
 def evaluated_kinds(config: Config) -> list[str]:
     """The policy kinds `eval.modes` runs (train_policy.mode when no modes are set)."""
-    from policy.configuration_policy import parse_mode
+    from svam.policy.configuration_policy import parse_mode
 
     modes = config.eval.modes or [config.train_policy.mode]
     return list(dict.fromkeys(parse_mode(mode).policy_kind for mode in modes))

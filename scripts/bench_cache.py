@@ -28,8 +28,8 @@ from accelerate import PartialState
 
 from svam.config import load_config
 from svam.rundir import RunDir
-from teachers.cache import TeacherCacheJob
-from teachers.modeling_teacher import VideoTeacher
+from svam.teachers.cache import TeacherCacheJob
+from svam.teachers.modeling_teacher import VideoTeacher
 
 
 def shard_bytes(root: Path) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from distill import (
+from svam.distill import (
     DecouplersConfig,
     build_decouplers,
     decoupler_flops,

@@ -26,20 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import (
+from svam.config import Config, load_config
+from svam.data.teacher_cache import TARGETS, teacher_cache_loader, write_teacher_cache
+from svam.distill import (
     build_decouplers,
     decoupler_flops,
     full_scale_decouplers,
     published_decouplers,
 )
-from distill.train import Distiller, distill_paths
-from svam.config import Config, load_config
-from svam.data.teacher_cache import TARGETS, teacher_cache_loader, write_teacher_cache
+from svam.distill.train import Distiller, distill_paths
 from svam.flops import flop_counter
-from teachers.configuration_encoders import EncodersConfig
-from teachers.configuration_teacher import TeacherRuntime
-from teachers.modeling_teacher import VideoTeacher
-from teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.configuration_encoders import EncodersConfig
+from svam.teachers.configuration_teacher import TeacherRuntime
+from svam.teachers.modeling_teacher import VideoTeacher
+from svam.teachers.pipeline_teacher import TeacherPipeline
 
 PUBLISHED_ONE_STEP_GFLOPS = 2749.0
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from svam.config import load_config
-from teachers.encoders import build_encoders
+from svam.teachers.encoders import build_encoders
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policy.modeling_policy import ShortcutPolicy
 from svam.config import load_config
 from svam.eval.evaluate import settings_of, targets
 from svam.eval.measure import fixed_threads
 from svam.eval.metaworld import EnvPool, Episode, batches, run_batch
+from svam.policy.modeling_policy import ShortcutPolicy
 
 
 def episodes_of(mode: str, policy: Path, settings: dict, count: int) -> list[Episode]:

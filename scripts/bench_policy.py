@@ -26,14 +26,14 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from distill.modeling_decoupler import build_decouplers
-from policy.configuration_policy import parse_mode
-from policy.modeling_policy import FrozenParts, PolicyNet, ShortcutPolicy, ShortcutPolicyConfig
-from policy.train import models_for
 from svam.config import load_config
-from teachers.encoders import build_encoders
-from teachers.modeling_teacher import VideoTeacher
-from teachers.pipeline_teacher import TeacherPipeline
+from svam.distill.modeling_decoupler import build_decouplers
+from svam.policy.configuration_policy import parse_mode
+from svam.policy.modeling_policy import FrozenParts, PolicyNet, ShortcutPolicy, ShortcutPolicyConfig
+from svam.policy.train import models_for
+from svam.teachers.encoders import build_encoders
+from svam.teachers.modeling_teacher import VideoTeacher
+from svam.teachers.pipeline_teacher import TeacherPipeline
 
 
 class Timer:

@@ -27,9 +27,9 @@ import torch
 
 from svam.config import Config, load_config
 from svam.flops import flop_counter
-from teachers.modeling_teacher import VideoTeacher, unet_forward
-from teachers.pipeline_teacher import TeacherPipeline
-from teachers.train import TeacherTrainer
+from svam.teachers.modeling_teacher import VideoTeacher, unet_forward
+from svam.teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.train import TeacherTrainer
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -46,6 +46,6 @@ $install -r requirements.lock
 # imports is listed in pyproject.toml.
 $install --no-deps "depth-anything-3==0.1.1" "evo==1.38.1"
 $install --no-deps -e .
-"$venv/bin/python" -c "import svam, teachers, distill, policy, depth_anything_3.api, metaworld, timm, diffusers" >/dev/null 2>&1 \
+"$venv/bin/python" -c "import svam.teachers, svam.distill, svam.policy, depth_anything_3.api, metaworld, timm, diffusers" >/dev/null 2>&1 \
   || { echo "install: the environment in $venv does not import; see the pip output above" >&2; exit 1; }
 echo "install: ready ($venv)"

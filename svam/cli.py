@@ -70,8 +70,8 @@ STAGES = [
         resume exactly (train_teacher.* keys). Runs under `accelerate launch` / `torchrun`.
         Reads: runs/<name>/episodes/. Writes: runs/<name>/teacher/ (diffusers layout) and
         runs/<name>/teacher-train/ (checkpoints, sample grids).""",
-        "teachers.train:train_teacher",
-        done="teachers.train:is_trained",
+        "svam.teachers.train:train_teacher",
+        done="svam.teachers.train:is_trained",
     ),
     Stage(
         "cache-teachers",
@@ -83,8 +83,8 @@ STAGES = [
         Resumable (a re-run redoes only unfinished shards); runs unchanged on many processes
         and nodes under `torchrun` or `accelerate launch`, each rank writing its own shards.
         Reads: episodes/, teacher/. Writes: runs/<name>/cache/ (or --out).""",
-        "teachers.cache:cache_teachers",
-        done="teachers.cache:is_cached",
+        "svam.teachers.cache:cache_teachers",
+        done="svam.teachers.cache:is_cached",
         options=("out_dir", "dry_run"),
     ),
     Stage(
@@ -98,8 +98,8 @@ STAGES = [
         branch's best decoupler by validation fidelity and reports fidelity per future frame
         against two baselines (nothing moves; a linear probe), as fidelity.json and fidelity.md.
         Reads: cache/ (teacher/ on the fly). Writes: runs/<name>/decouplers/ (or --out).""",
-        "distill.train:distill",
-        done="distill.train:is_distilled",
+        "svam.distill.train:distill",
+        done="svam.distill.train:is_distilled",
         options=("out_dir",),
     ),
     Stage(
@@ -112,11 +112,11 @@ STAGES = [
         weights, tensorboard, checkpoints it resumes from exactly; normalisers fitted on the
         train split. `svam demo` trains every kind eval.modes needs.
         Reads: cache/, teacher/, decouplers/. Writes: runs/<name>/policy/<mode>/ (or --out).""",
-        "policy.train:train_policy",
-        done="policy.train:is_policy_trained",
+        "svam.policy.train:train_policy",
+        done="svam.policy.train:is_policy_trained",
         options=("out_dir",),
-        demo_entry="policy.train:train_evaluated_policies",
-        demo_done="policy.train:are_evaluated_policies_trained",
+        demo_entry="svam.policy.train:train_evaluated_policies",
+        demo_done="svam.policy.train:are_evaluated_policies_trained",
     ),
     Stage(
         "eval",

@@ -11,9 +11,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from svam import __version__
-from svam.config import CollectConfig, Config, config_hash
+from svam.config import CollectConfig, Config
 from svam.data.schema import EPISODES
 from svam.data.shards import ShardSetWriter
+from svam.hashing import json_digest
 from svam.rundir import RunDir
 
 
@@ -30,7 +31,7 @@ def is_collected(config: Config) -> bool:
         shard_set = ShardSet.open(RunDir.from_config(config).episodes, kind=EPISODES.kind)
     except SchemaError:
         return False
-    return shard_set.manifest.get("config_hash") == config_hash(config.collect)
+    return shard_set.manifest.get("config_hash") == json_digest(config.collect)
 
 
 def _rollout(job: tuple[str, int, CollectConfig]):
@@ -115,7 +116,7 @@ def collect(config: Config, out_dir: str | Path | None = None) -> Path:
             )
         writer.close(
             svam_version=__version__,
-            config_hash=config_hash(cfg),
+            config_hash=json_digest(cfg),
             collect=asdict(cfg),
             episodes=episodes,
             kept=len(episodes),

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +17,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.configuration_decoupler import DecouplersConfig
-from distill.configuration_distill import DistillConfig
-from policy.configuration_policy import PolicyModelsConfig
-from policy.configuration_train import PolicyTrainConfig
+from svam.distill.configuration_decoupler import DecouplersConfig
+from svam.distill.configuration_distill import DistillConfig
 from svam.eval.configuration_eval import EvalConfig
-from teachers.configuration_cache import CacheConfig
-from teachers.configuration_encoders import EncodersConfig
-from teachers.configuration_teacher import TeacherConfig, TeacherTrainConfig
+from svam.policy.configuration_policy import PolicyModelsConfig
+from svam.policy.configuration_train import PolicyTrainConfig
+from svam.teachers.configuration_cache import CacheConfig
+from svam.teachers.configuration_encoders import EncodersConfig
+from svam.teachers.configuration_teacher import TeacherConfig, TeacherTrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -174,11 +172,3 @@ def to_dict(config: Any) -> dict:
 
 def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def config_hash(config: Any) -> str:
-    """Stable short hash of a config, one of its sections, or any JSON-able value, for manifests,
-    fingerprints and training keys."""
-    value = to_dict(config) if dataclasses.is_dataclass(config) else config
-    blob = json.dumps(value, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -4,7 +4,7 @@
   elementwise ops not counted) that also counts the fused CPU attention kernel torch's own counter
   skips. Every FLOP figure of the project comes from it.
 - `control_step_flops(policy, observation)`: the FLOPs of one control step of a `ShortcutPolicy`,
-  in total and per part (`policy.modeling_policy.PARTS`), counted after a warm-up step.
+  in total and per part (`svam.policy.modeling_policy.PARTS`), counted after a warm-up step.
 - `build_step_policy(config, mode, device)`: the policy of a mode with the models a config
   describes (teacher, encoders, decouplers, aggregator and head), its data dims taken from the
   teacher and the encoders; on `meta` nothing is allocated.
@@ -56,7 +56,7 @@ PUBLISHED_CONFIG = "svd-xt"
 
 ACTION_DIM = STATE_DIM = 4
 """Meta-World's action (end-effector xyz and gripper) and proprioception dims: data dims the
-teacher cache would give `svam train-policy` (`policy.train.models_for`)."""
+teacher cache would give `svam train-policy` (`svam.policy.train.models_for`)."""
 
 
 # ------------------------------------------------------------------------------- the counter
@@ -99,7 +99,7 @@ def control_step_flops(policy: Any, observation: dict[str, Any]) -> dict[str, An
     embedding is then cached, as in closed loop. `observation` holds `frames` (1, 3, H, W) uint8,
     `instruction` and `state` (1, S) (ignored by a policy without state). A policy on `meta`
     runs with the shape-only substitutions of the module docstring."""
-    from policy.modeling_policy import PARTS
+    from svam.policy.modeling_policy import PARTS
 
     parts: dict[str, int] = dict.fromkeys(PARTS, 0)
     counter = flop_counter()
@@ -175,8 +175,8 @@ def _meta_safe(counter: FlopCounterMode) -> Iterator[None]:
       shape propagation (a UNet pass about a second, a head pass a tenth), so this makes a
       20-step count take seconds instead of a minute; the count is the same.
     """
-    from policy.modeling_action_head import DiffusionActionHead
-    from teachers import pipeline_teacher
+    from svam.policy.modeling_action_head import DiffusionActionHead
+    from svam.teachers import pipeline_teacher
 
     def replay(model: torch.nn.Module, key: Any, run: Callable[[], Any]) -> Any:
         """`run()` the first time `model` runs a pass of `key`; later: its FLOPs and outputs."""
@@ -263,7 +263,7 @@ def _meta_pipeline(teacher: Any) -> Any:
     combine with meta latents), so generation runs on a meta teacher."""
     from diffusers import EulerDiscreteScheduler
 
-    from teachers.pipeline_teacher import TeacherPipeline
+    from svam.teachers.pipeline_teacher import TeacherPipeline
 
     class MetaTeacherPipeline(TeacherPipeline):
         def scheduler(self, num_inference_steps=None, sigma=None) -> EulerDiscreteScheduler:
@@ -296,7 +296,7 @@ class _Frozen:
     decouplers: dict[str, Any] | None = None
 
     def get_encoders(self) -> tuple[Any, Any]:
-        from teachers.encoders import build_encoders
+        from svam.teachers.encoders import build_encoders
 
         if self.encoders is None:
             section = dataclasses.replace(
@@ -307,7 +307,7 @@ class _Frozen:
         return self.encoders
 
     def get_decouplers(self) -> dict[str, Any]:
-        from distill.modeling_decoupler import Decoupler
+        from svam.distill.modeling_decoupler import Decoupler
 
         if self.decouplers is None:
             self.decouplers = {}
@@ -321,7 +321,7 @@ class _Frozen:
 
     def decoupler_configs(self) -> dict[str, Any]:
         """The config's decouplers with their data dims from the teacher and the encoders (as
-        `distill.train.resolve_decouplers` takes them from the cache)."""
+        `svam.distill.train.resolve_decouplers` takes them from the cache)."""
         channels, side = self.features
         encoders = dict(zip(("semantic", "geometric"), self.get_encoders(), strict=True))
         return {
@@ -341,11 +341,11 @@ class _Frozen:
 
 
 def _frozen(config: Any, device: torch.device, seed: int) -> _Frozen:
-    from teachers.modeling_teacher import VideoTeacher
-    from teachers.pipeline_teacher import TeacherPipeline
+    from svam.teachers.modeling_teacher import VideoTeacher
+    from svam.teachers.pipeline_teacher import TeacherPipeline
 
     section = dataclasses.replace(config.teacher, pretrained_path=None, text_encoder_path=None)
-    from teachers.encoders import seeded_init
+    from svam.teachers.encoders import seeded_init
 
     with seeded_init(seed, device):
         teacher = VideoTeacher.from_config(section, seed=seed)
@@ -374,10 +374,15 @@ def build_step_policy(
     `train_policy.use_state`). On `meta` (the default) nothing is allocated; elsewhere the weights
     are drawn from `seed`. `frozen` reuses the teacher, encoders and decouplers of an earlier call
     (`_frozen`)."""
-    from policy.configuration_policy import parse_mode
-    from policy.modeling_policy import FrozenParts, PolicyNet, ShortcutPolicy, ShortcutPolicyConfig
-    from policy.normalization import Normalizer
-    from policy.train import models_for
+    from svam.policy.configuration_policy import parse_mode
+    from svam.policy.modeling_policy import (
+        FrozenParts,
+        PolicyNet,
+        ShortcutPolicy,
+        ShortcutPolicyConfig,
+    )
+    from svam.policy.normalization import Normalizer
+    from svam.policy.train import models_for
 
     device = torch.device(device)
     foresight = parse_mode(mode)
@@ -474,7 +479,7 @@ def published_step_flops(
     control step (see the module docstring); the models are built once and each mode counted
     once per process. The modes are those of
     `parse_mode`: onestep, shortcut, multistep:K, partial:F, blind."""
-    from policy.configuration_policy import parse_mode
+    from svam.policy.configuration_policy import parse_mode
 
     modes = list(dict.fromkeys(modes))
     for mode in modes:  # every name checked before anything is built

@@ -9,10 +9,16 @@ import hashlib
 import torch
 
 
-def keyed_generator(*parts: object) -> torch.Generator:
-    """A CPU generator seeded by sha256 of the parts joined with '/' (e.g. run seed, clip key)."""
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from sha256 of the parts joined with '/' (e.g. run seed, purpose, rank,
+    step, clip key): distinct parts give independent streams."""
     digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def keyed_generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator (on `device`) seeded by `derived_seed(*parts)`."""
+    return torch.Generator(device).manual_seed(derived_seed(*parts))
 
 
 def clip_noise(run_seed: int, clip_key: str) -> torch.Generator:

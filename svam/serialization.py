@@ -23,7 +23,7 @@ from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from svam.data.shards import sha256_file
+from svam.hashing import SHORT, file_digest
 
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME
 LEGACY_FORMAT_KEY = "_format_version"
@@ -207,7 +207,7 @@ def check_expected(path: str | os.PathLike, config: Any, expect: Mapping[str, An
 def weights_fingerprint(path: str | os.PathLike) -> str:
     """Short sha256 of a model directory's weights file: what a policy records of the
     decouplers it was trained with."""
-    return sha256_file(Path(path) / WEIGHTS_NAME)[:16]
+    return file_digest(Path(path) / WEIGHTS_NAME)[:SHORT]
 
 
 def count_parameters(module: nn.Module) -> int:

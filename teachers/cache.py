@@ -15,7 +15,6 @@ every shard is done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import defaultdict
@@ -29,7 +28,7 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from svam import __version__
-from svam.config import Config, config_hash
+from svam.config import Config
 from svam.data.episodes import SPLITS, clip_starts, split_counts, split_episodes
 from svam.data.schema import EPISODES, TEACHER_CACHE, SchemaError
 from svam.data.shards import (
@@ -40,12 +39,13 @@ from svam.data.shards import (
     tar_writer,
     write_json_atomic,
 )
+from svam.hashing import file_digest, json_digest
 from svam.rundir import RunDir
 from svam.seeding import clip_noise, keyed_generator
-from teachers.configuration_teacher import TeacherRuntime
-from teachers.encoders import build_encoders
-from teachers.modeling_teacher import read_teacher_record
-from teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.configuration_teacher import TeacherRuntime
+from svam.teachers.encoders import build_encoders
+from svam.teachers.modeling_teacher import read_teacher_record
+from svam.teachers.pipeline_teacher import TeacherPipeline
 
 PLAN_NAME = "cache-plan.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,7 +134,7 @@ def is_cached(config: Config) -> bool:
         and TeacherRuntime.from_record(manifest.get("teacher_runtime"))
         == TeacherRuntime.from_config(config.teacher)
         and manifest["run_seed"] == config.run.seed
-        and manifest["data_config_hash"] == config_hash(config.data)
+        and manifest["data_config_hash"] == json_digest(config.data)
         and manifest["encoders"] == asdict(config.encoders)
         and manifest["cache_settings"] == cache_settings(config)
     )
@@ -189,12 +189,10 @@ class TeacherCacheJob:
             "teacher_runtime": self.pipeline.runtime.to_record(),
             "semantic_fingerprint": self.semantic.fingerprint,
             "geometric_fingerprint": self.geometric.fingerprint,
-            "episodes_sha256": hashlib.sha256(
-                (self.episodes.root / MANIFEST_NAME).read_bytes()
-            ).hexdigest(),
+            "episodes_sha256": file_digest(self.episodes.root / MANIFEST_NAME),
             "num_inference_steps": self.steps,
             "run_seed": config.run.seed,
-            "data_config_hash": config_hash(config.data),
+            "data_config_hash": json_digest(config.data),
             "cache_settings": cache_settings(config),
         }
 

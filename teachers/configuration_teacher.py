@@ -9,10 +9,10 @@ directory and the resolved values are what its saved `teacher_config.json` recor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from svam.hashing import json_digest
 
 FEATURE_UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -158,9 +158,7 @@ class TeacherRuntime:
     @property
     def fingerprint(self) -> str:
         """Short sha256 of the settings; what stage keys record for them."""
-        return hashlib.sha256(json.dumps(self.to_record(), sort_keys=True).encode()).hexdigest()[
-            :16
-        ]
+        return json_digest(self.to_record())
 
     def conflict(self, recorded: TeacherRuntime) -> str | None:
         """'teacher.<key>=<this value> where <recorded value> is recorded' for the first key on

@@ -17,7 +17,6 @@ are what a cache manifest records and checks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from teachers.configuration_encoders import EncodersConfig
+from svam.hashing import file_digest, json_digest
+from svam.teachers.configuration_encoders import EncodersConfig
 
 PATCH_SIZE = 14
 
@@ -70,15 +70,6 @@ def seeded_init(seed: int, device: torch.device) -> Iterator[None]:
         else:
             with torch.device("cpu"):
                 yield
-
-
-def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 23), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _first_problem(exc: BaseException) -> str:
@@ -167,10 +158,11 @@ class _FrameEncoder(nn.Module):
         """`<model>-<size>px-<hash>`; the hash covers architecture, image size, layer choice,
         compute dtype and the weights' sha256 (or `random-init:<seed>`). Computed once: hashing
         full-scale weights takes seconds."""
-        weights = _sha256(self.weight_files) if self.weight_files else f"random-init:{self.seed}"
+        weights = (
+            file_digest(*self.weight_files) if self.weight_files else f"random-init:{self.seed}"
+        )
         fields = {**self._identity(), "weights": weights, "dtype": str(self.dtype)}
-        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-        return f"{self.model_name}-{self.image_size}px-{digest[:16]}"
+        return f"{self.model_name}-{self.image_size}px-{json_digest(fields)}"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -43,7 +42,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from teachers.configuration_teacher import TeacherConfig
+from svam.hashing import json_digest, state_digest
+from svam.teachers.configuration_teacher import TeacherConfig
 
 TEACHER_CONFIG_NAME = "teacher_config.json"
 FORMAT_NAME = "svam-teacher"
@@ -301,7 +301,7 @@ def merge_up_block_features(features: dict[int, torch.Tensor], mode: str) -> tor
 class VideoTeacher(nn.Module):
     """SVD components plus the instruction encoder, with the conditioning and VAE round trips.
 
-    The sampling loop lives in `teachers.pipeline_teacher.TeacherPipeline`.
+    The sampling loop lives in `svam.teachers.pipeline_teacher.TeacherPipeline`.
     """
 
     def __init__(
@@ -452,7 +452,7 @@ class VideoTeacher(nn.Module):
             components["text_projection"] = self.text_projection
         index: dict[str, Any] = {
             "_class_name": "VideoTeacher",
-            "_svam_module": "teachers.modeling_teacher",
+            "_svam_module": "svam.teachers.modeling_teacher",
             "_diffusers_version": diffusers.__version__,
         }
         for name, component in components.items():
@@ -492,20 +492,18 @@ class VideoTeacher(nn.Module):
         return self._fingerprint
 
     def compute_fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(json.dumps(behaviour_config(self.config), sort_keys=True).encode())
-        scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
-        digest.update(json.dumps(scheduler, sort_keys=True, default=str).encode())
-        digest.update(f"vocab:{len(self.tokenizer)}".encode())
-        modules = [("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)]
+        modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
         if self.text_projection is not None:
-            modules.append(("text_projection", self.text_projection))
-        for name, module in modules:
-            for key, tensor in sorted(module.state_dict().items()):
-                digest.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-                digest.update(flat.view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+            modules["text_projection"] = self.text_projection
+        scheduler = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+        return json_digest(
+            {
+                "config": behaviour_config(self.config),
+                "scheduler": scheduler,
+                "vocab": len(self.tokenizer),
+                "weights": state_digest(modules),
+            }
+        )
 
     def invalidate_fingerprint(self) -> None:
         """Call after changing weights in place (training)."""

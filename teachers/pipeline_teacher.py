@@ -22,8 +22,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from teachers.configuration_teacher import TeacherRuntime
-from teachers.modeling_teacher import (
+from svam.teachers.configuration_teacher import TeacherRuntime
+from svam.teachers.modeling_teacher import (
     Generators,
     VideoTeacher,
     merge_up_block_features,

@@ -15,7 +15,6 @@ weights and is what `VideoTeacher.from_pretrained` reads.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import shutil
@@ -34,15 +33,17 @@ from tqdm.auto import tqdm
 
 from svam.checkpoints import replace_dir
 from svam.config import Config, to_dict
+from svam.hashing import file_digest, json_digest, state_digest
 from svam.rundir import RunDir
-from svam.training import LoopSettings, TrainingLoop, TrainingStage
-from teachers.modeling_teacher import (
+from svam.seeding import keyed_generator
+from svam.teachers.modeling_teacher import (
     VideoTeacher,
     behaviour_config,
     quiet_libraries,
     read_teacher_record,
 )
-from teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.pipeline_teacher import TeacherPipeline
+from svam.training import LoopSettings, TrainingLoop, TrainingStage
 
 
 class TeacherTrainError(ValueError):
@@ -75,12 +76,6 @@ def edm_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         -sigma * variance.rsqrt(),
         variance / sigma**2,
     )
-
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (run seed, purpose, rank, step): independent streams."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
-    return int(digest[:15], 16)
 
 
 def clip_grid(rows: list[tuple[str, torch.Tensor]], pad: int = 2) -> np.ndarray:
@@ -193,16 +188,16 @@ class TeacherTrainer(TrainingStage):
         return self.train_stream(consumed)
 
     def loss(self, model, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, dict]:
-        seed = derived_seed(
+        generator = keyed_generator(
             self.config.run.seed, "train", self.accelerator.process_index, micro_step
         )
-        return self._loss(batch, model, torch.Generator().manual_seed(seed)), {}
+        return self._loss(batch, model, generator), {}
 
     def resume_record(self) -> dict[str, Any]:
         return {
-            "teacher_config_hash": _json_hash(behaviour_config(self.config.teacher)),
+            "teacher_config_hash": json_digest(behaviour_config(self.config.teacher)),
             "use_ema": self.args.use_ema,
-            "vae": _state_hash(self.teacher.vae),
+            "vae": state_digest(self.teacher.vae),
         }
 
     # --------------------------------------------------------------------------------- phases
@@ -214,7 +209,7 @@ class TeacherTrainer(TrainingStage):
         target = self.work_dir / "vae"
         marker = {
             "vae_steps": args.vae_steps,
-            "teacher_config_hash": _json_hash(behaviour_config(self.config.teacher)),
+            "teacher_config_hash": json_digest(behaviour_config(self.config.teacher)),
             "seed": self.config.run.seed,
         }
         done = target / "warm_up.json"
@@ -226,9 +221,7 @@ class TeacherTrainer(TrainingStage):
             vae = teacher.vae.requires_grad_(True).train()
             optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
             stream = self.train_stream(0)
-            generator = torch.Generator().manual_seed(
-                derived_seed(self.config.run.seed, "vae", accelerator.process_index)
-            )
+            generator = keyed_generator(self.config.run.seed, "vae", accelerator.process_index)
             bar = tqdm(
                 range(args.vae_steps), desc="vae warm-up", disable=not accelerator.is_main_process
             )
@@ -335,7 +328,7 @@ class TeacherTrainer(TrainingStage):
         with self.accelerator.autocast():
             denoiser.eval()
             losses = [
-                self._loss(b, denoiser, torch.Generator().manual_seed(derived_seed(seed, "val", i)))
+                self._loss(b, denoiser, keyed_generator(seed, "val", i))
                 for i, b in enumerate(batches[: self.args.val_batches])
             ]
             frames, instructions = _pick_clips(batches, self.args.sample_clips)
@@ -343,7 +336,7 @@ class TeacherTrainer(TrainingStage):
             result = TeacherPipeline(self.teacher)(
                 frames[:, 0],
                 instructions,
-                generator=torch.Generator().manual_seed(derived_seed(seed, "samples")),
+                generator=keyed_generator(seed, "samples"),
                 return_features=False,
             )
             recon = self.teacher.decode_latents(self.teacher.encode_video(frames))
@@ -401,18 +394,6 @@ def _pick_clips(batches: list[dict[str, Any]], count: int) -> tuple[torch.Tensor
     return torch.stack([c[1] for c in chosen]), [c[2] for c in chosen]
 
 
-def _json_hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _state_hash(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------- the stage
 
 
@@ -432,13 +413,13 @@ def training_key(config: Config, episodes: Path) -> str:
     episode shards' manifest (paths, resume and logging settings left out)."""
     skip = {"episodes", "output_dir", "resume", "log_every", "sample_every", "checkpoint_every"}
     train = {k: v for k, v in to_dict(config.train_teacher).items() if k not in skip}
-    return _json_hash(
+    return json_digest(
         {
             "teacher": to_dict(config.teacher),
             "train_teacher": train,
             "data": to_dict(config.data),
             "seed": config.run.seed,
-            "episodes": hashlib.sha256((episodes / "manifest.json").read_bytes()).hexdigest(),
+            "episodes": file_digest(episodes / "manifest.json"),
         }
     )
 

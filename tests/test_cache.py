@@ -19,10 +19,10 @@ from svam.config import load_config
 from svam.data.schema import TEACHER_CACHE, SchemaError
 from svam.data.shards import MANIFEST_NAME, ShardSet
 from svam.data.teacher_cache import TeacherCache
-from teachers.cache import cache_teachers, is_cached
-from teachers.configuration_teacher import TeacherRuntime
-from teachers.encoders import SemanticEncoder
-from teachers.modeling_teacher import VideoTeacher
+from svam.teachers.cache import cache_teachers, is_cached
+from svam.teachers.configuration_teacher import TeacherRuntime
+from svam.teachers.encoders import SemanticEncoder
+from svam.teachers.modeling_teacher import VideoTeacher
 
 MICRO = [
     "teacher.image_size=32",
@@ -283,12 +283,12 @@ def test_multistep_under_cache_noise_reproduces_the_cached_targets(inputs, refer
     """The report's exact check: `svam eval`'s multistep:N foresight under the cache's per-clip
     noise keys is the cached N-step targets (up to their float16 rounding); under fresh noise it
     is not (the teacher's sampling spread)."""
-    from policy.modeling_policy import FrozenParts
     from svam.data.teacher_cache import CURRENT, TeacherCache, teacher_cache_loader
     from svam.eval.measure import noise_generators
     from svam.flops import build_step_policy
-    from teachers.encoders import build_encoders
-    from teachers.pipeline_teacher import TeacherPipeline
+    from svam.policy.modeling_policy import FrozenParts
+    from svam.teachers.encoders import build_encoders
+    from svam.teachers.pipeline_teacher import TeacherPipeline
 
     config = load_config("tiny", overrides_for(inputs, reference))
     cache = TeacherCache.open(reference)

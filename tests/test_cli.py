@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,21 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     for verb in stages:
         assert f"demo: {verb}: already done for this config, skipped" in out
     assert (episodes.stat().st_mtime_ns, report.stat().st_mtime_ns) == before
+
+
+def test_model_packages_install_inside_svams_namespace(tmp_path):
+    """Installed, the model folders import as svam.teachers, svam.distill and svam.policy, and
+    nothing named `teachers`, `distill` or `policy` is importable from a clean interpreter, so
+    another distribution's module of that name can neither shadow svam's nor be shadowed."""
+    script = (
+        "import importlib.util, svam.teachers, svam.distill, svam.policy;"
+        "from svam.policy import ShortcutPolicy; from svam.distill import Decoupler;"
+        "print(*(importlib.util.find_spec(name) is None for name in"
+        " ('teachers', 'distill', 'policy')))"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]

@@ -1,6 +1,9 @@
+import dataclasses
+
 import pytest
 
-from svam.config import CONFIG_DIR, Config, ConfigError, config_hash, load_config
+from svam.config import CONFIG_DIR, Config, ConfigError, load_config
+from svam.hashing import json_digest
 from svam.rundir import RunDir
 
 
@@ -65,10 +68,11 @@ def test_missing_config_file_names_it():
         load_config("no-such.yaml")
 
 
-def test_config_hash_tracks_content():
+def test_a_config_digest_tracks_content():
     a, b = load_config(), load_config("tiny", ["collect.seed_start=100"])
-    assert config_hash(a.collect) == config_hash(load_config().collect)
-    assert config_hash(a.collect) != config_hash(b.collect)
+    assert json_digest(a.collect) == json_digest(load_config().collect)
+    assert json_digest(a.collect) != json_digest(b.collect)
+    assert json_digest(a.collect) == json_digest(dataclasses.asdict(a.collect))
 
 
 def test_run_dir_layout_and_saved_config(tmp_path):

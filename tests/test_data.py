@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from collections import Counter
 
@@ -16,7 +17,7 @@ from svam.data.episodes import (
     split_counts,
     split_episodes,
 )
-from svam.data.schema import EPISODES, SchemaError
+from svam.data.schema import EPISODES, SchemaError, ShardSchema
 from svam.data.shards import MANIFEST_NAME, ShardSet, ShardSetWriter
 
 DATA = DataConfig(
@@ -227,6 +228,48 @@ def test_repeat_streams_more_than_one_epoch(synthetic_episodes):
     dataset = EpisodeClips(synthetic_episodes, DATA, "val", repeat=True)
     stream = iter(dataset)
     assert len([next(stream) for _ in range(3 * len(dataset))]) == 3 * len(dataset)
+
+
+def resumed_keys(root, skip_batches: int, batches: int, workers: int = 0) -> list[list[str]]:
+    """The clip keys of `batches` batches of a repeating train loader started after
+    `skip_batches` batches."""
+    data = dataclasses.replace(DATA, num_workers=workers)
+    loader = clip_loader(root, data, "train", seed=3, repeat=True, skip_batches=skip_batches)
+    stream = iter(loader)
+    return [list(next(stream)["key"]) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_continues_the_uninterrupted_one(synthetic_episodes, workers):
+    """Started after n batches (within the first pass, at a pass boundary, passes later), the
+    stream yields exactly what the uninterrupted one yields from batch n on."""
+    per_pass = len(EpisodeClips(synthetic_episodes, DATA, "train")) // DATA.batch_size
+    full = resumed_keys(synthetic_episodes, 0, 3 * per_pass + 2, workers)
+    for skip in (1, per_pass, 2 * per_pass + 1):
+        assert resumed_keys(synthetic_episodes, skip, len(full) - skip, workers) == full[skip:]
+
+
+def test_a_resumed_stream_does_not_read_what_was_consumed(synthetic_episodes, monkeypatch):
+    """Resuming two passes in decodes at most one pass's episodes; replaying decodes every
+    episode of both consumed passes first."""
+    decoded: list[str] = []
+    decode = ShardSchema.decode
+
+    def counting(self, raw):
+        decoded.append(raw["__key__"])
+        return decode(self, raw)
+
+    monkeypatch.setattr(ShardSchema, "decode", counting)
+    train_episodes = len(EpisodeClips(synthetic_episodes, DATA, "train").members)
+    per_pass = len(EpisodeClips(synthetic_episodes, DATA, "train")) // DATA.batch_size
+    skip = 2 * per_pass + 1
+    decoded.clear()
+    resumed = resumed_keys(synthetic_episodes, skip, 1)
+    resumed_reads = len(decoded)
+    decoded.clear()
+    replayed = resumed_keys(synthetic_episodes, 0, skip + 1)
+    assert resumed == replayed[skip:]
+    assert resumed_reads <= train_episodes < 2 * train_episodes <= len(decoded)
 
 
 def test_loader_batches(synthetic_episodes):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill import (
+from svam.distill import (
     Decoupler,
     DecouplerConfig,
     DecouplerLoadError,

@@ -18,17 +18,17 @@ from safetensors.torch import load_file
 from test_cache import MICRO
 from torch.utils.data import DataLoader
 
-from distill.modeling_decoupler import Decoupler
-from distill.train import BASELINES_NAME, Distiller, distill, distill_paths, is_distilled
 from svam.cli import main
 from svam.config import load_config
 from svam.data.schema import SchemaError
 from svam.data.teacher_cache import TeacherCacheClips, write_teacher_cache
+from svam.distill.modeling_decoupler import Decoupler
+from svam.distill.train import BASELINES_NAME, Distiller, distill, distill_paths, is_distilled
 from svam.serialization import WEIGHTS_NAME
+from svam.teachers.configuration_encoders import EncodersConfig
+from svam.teachers.encoders import GeometricEncoder
+from svam.teachers.modeling_teacher import VideoTeacher, read_teacher_record
 from svam.training import TrainingLoop
-from teachers.configuration_encoders import EncodersConfig
-from teachers.encoders import GeometricEncoder
-from teachers.modeling_teacher import VideoTeacher, read_teacher_record
 
 FRAMES, CHANNELS, SIDE = 3, 8, 4
 """Synthetic one-step features (T, C, 4, 4); targets on a 2x2 token grid."""
@@ -439,7 +439,7 @@ def test_fidelity_skill_is_0_for_nothing_moves_and_1_for_the_targets():
     """Skill against "nothing moves", NMSE of per-channel standardised tokens, centred cosine:
     a channel of large scale does not dominate, and the component every token shares does not
     make a poor guess look good."""
-    from distill.fidelity import ForesightFidelity, summarize_tokens
+    from svam.distill.fidelity import ForesightFidelity, summarize_tokens
 
     generator = torch.Generator().manual_seed(0)
     frames, tokens, dim = 4, 6, 8

@@ -15,8 +15,8 @@ import timm
 import torch
 
 from svam.config import load_config
-from teachers.configuration_encoders import EncodersConfig
-from teachers.encoders import (
+from svam.teachers.configuration_encoders import EncodersConfig
+from svam.teachers.encoders import (
     EncoderWeightsError,
     GeometricEncoder,
     SemanticEncoder,
@@ -71,7 +71,7 @@ def geometric():
 @pytest.fixture(scope="module")
 def da3_small_dir(tmp_path_factory):
     """A da3-small directory as DA3 itself saves one (config.json + model.safetensors)."""
-    from teachers.encoders import _import_da3
+    from svam.teachers.encoders import _import_da3
 
     da3_class, _ = _import_da3()
     torch.manual_seed(1)
@@ -328,8 +328,8 @@ def test_random_init_is_identical_in_another_process(semantic, geometric):
     script = (
         "import sys, torch; sys.path.insert(0, '.'); torch.set_num_threads(1); torch.manual_seed(123);"
         "from tests.test_encoders import state_digest;"
-        "from teachers.encoders import build_encoders;"
-        "from teachers.configuration_encoders import EncodersConfig;"
+        "from svam.teachers.encoders import build_encoders;"
+        "from svam.teachers.configuration_encoders import EncodersConfig;"
         f"pair = build_encoders(EncodersConfig(semantic_image_size={SMALL}, "
         f"geometric_image_size={SMALL}));"
         "print(*(state_digest(e) for e in pair))"

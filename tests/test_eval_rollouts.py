@@ -10,10 +10,10 @@ import test_policy
 import torch
 from test_policy import SIZE, frames_state
 
-from policy.modeling_policy import ShortcutPolicy
 from svam.envs.metaworld import MetaWorldEnv
 from svam.eval.configuration_eval import EvalConfig
 from svam.eval.metaworld import EnvPool, Episode, batches, rollouts, run_batch
+from svam.policy.modeling_policy import ShortcutPolicy
 from svam.seeding import keyed_generator
 
 # The micro policies of tests/test_policy.py (and the teacher, encoders and decouplers they read).

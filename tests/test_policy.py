@@ -15,19 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.configuration_decoupler import DecouplerConfig
-from distill.modeling_decoupler import Decoupler
-from policy.configuration_policy import ForesightMode, parse_mode
-from policy.configuration_train import mode_dirname
-from policy.modeling_policy import BRANCHES, PolicyLoadError, ShortcutPolicy
-from policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.config import load_config
 from svam.data.teacher_cache import write_teacher_cache
+from svam.distill.configuration_decoupler import DecouplerConfig
+from svam.distill.modeling_decoupler import Decoupler
+from svam.policy.configuration_policy import ForesightMode, parse_mode
+from svam.policy.configuration_train import mode_dirname
+from svam.policy.modeling_policy import BRANCHES, PolicyLoadError, ShortcutPolicy
+from svam.policy.train import PolicyTrainError, is_policy_trained, train_policy
 from svam.serialization import WEIGHTS_NAME
-from teachers.configuration_teacher import TeacherRuntime
-from teachers.encoders import build_encoders
-from teachers.modeling_teacher import VideoTeacher
-from teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.configuration_teacher import TeacherRuntime
+from svam.teachers.encoders import build_encoders
+from svam.teachers.modeling_teacher import VideoTeacher
+from svam.teachers.pipeline_teacher import TeacherPipeline
 
 FRAMES, SIZE, TOKENS = 4, 32, 4
 TASKS = ("reach-v3", "button-press-topdown-v3")
@@ -408,9 +408,9 @@ def test_blind_training_reads_no_vision_and_keys_no_onestep_settings(world, trai
     """Training a blind policy reads actions, state and instructions from the cache, never
     features or frames; it loads no decouplers or encoders and runs no teacher pass, even with
     on-the-fly one-step features; its key ignores one-step and aggregator settings."""
-    import policy.train as train_module
-    import teachers.encoders
-    from distill.modeling_decoupler import Decoupler
+    import svam.policy.train as train_module
+    import svam.teachers.encoders as encoders_module
+    from svam.distill.modeling_decoupler import Decoupler
 
     root, cache = world
     blind = overrides(
@@ -434,7 +434,7 @@ def test_blind_training_reads_no_vision_and_keys_no_onestep_settings(world, trai
     monkeypatch.setattr(TeacherPipeline, "features", refuse)
     monkeypatch.setattr(TeacherPipeline, "__call__", refuse)
     monkeypatch.setattr(Decoupler, "from_pretrained", refuse)
-    monkeypatch.setattr(teachers.encoders, "build_encoders", refuse)
+    monkeypatch.setattr(encoders_module, "build_encoders", refuse)
     read: list[str] = []
     loader = train_module.teacher_cache_loader
 

@@ -9,7 +9,7 @@ import test_policy
 import torch
 from test_policy import frames_state
 
-from policy.modeling_policy import GENERATOR, OBS_IMAGE, OBS_STATE, TASK, ShortcutPolicy
+from svam.policy.modeling_policy import GENERATOR, OBS_IMAGE, OBS_STATE, TASK, ShortcutPolicy
 
 world, trained = test_policy.world, test_policy.trained
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from policy import (
+from svam.flops import flop_counter
+from svam.policy import (
     ActionCondition,
     ActionHeadConfig,
     AggregatorConfig,
@@ -33,7 +34,6 @@ from policy import (
     foresight_streams,
     published_policy_models,
 )
-from svam.flops import flop_counter
 from svam.serialization import WEIGHTS_NAME
 
 ONE_STEP_GFLOPS = 2749

@@ -11,8 +11,8 @@ import torch
 
 from svam.config import load_config
 from svam.flops import flop_counter
-from teachers.configuration_teacher import TeacherConfig, TeacherRuntime
-from teachers.modeling_teacher import (
+from svam.teachers.configuration_teacher import TeacherConfig, TeacherRuntime
+from svam.teachers.modeling_teacher import (
     TeacherLoadError,
     VideoTeacher,
     build_text_encoder,
@@ -22,7 +22,7 @@ from teachers.modeling_teacher import (
     read_teacher_record,
     unet_forward,
 )
-from teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.pipeline_teacher import TeacherPipeline
 
 
 def micro_config(**changes) -> TeacherConfig:

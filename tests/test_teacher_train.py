@@ -12,9 +12,9 @@ import torch
 from test_teacher import micro_config
 
 from svam.config import Config, load_config
+from svam.teachers.modeling_teacher import VideoTeacher, read_teacher_record
+from svam.teachers.train import TeacherTrainer, TeacherTrainError, is_trained, train_teacher
 from svam.training import TrainingLoop
-from teachers.modeling_teacher import VideoTeacher, read_teacher_record
-from teachers.train import TeacherTrainer, TeacherTrainError, is_trained, train_teacher
 
 FRAMES, SIZE = 4, 32
 

@@ -7,7 +7,6 @@ later stage could take for finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tarfile
@@ -20,17 +19,10 @@ import numpy as np
 import webdataset as wds
 
 from svam.data.schema import SchemaError, ShardSchema, schema_for
+from svam.hashing import file_digest
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -51,7 +43,7 @@ def shard_record(path: Path, keys: list[str]) -> dict[str, Any]:
         "samples": len(keys),
         "keys": keys,
         "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": file_digest(path),
     }
 
 
@@ -92,7 +84,7 @@ class ShardSetWriter:
             samples=len(self._keys),
             keys=self._keys,
             bytes=path.stat().st_size,
-            sha256=sha256_file(path),
+            sha256=file_digest(path),
         )
         self._tar, self._keys = None, []
 
@@ -176,7 +168,7 @@ class ShardSet:
         """Check every shard's size and sha256 against the manifest."""
         for shard in self.manifest["shards"]:
             path = self.root / shard["name"]
-            if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+            if path.stat().st_size != shard["bytes"] or file_digest(path) != shard["sha256"]:
                 raise SchemaError(f"{path}: sha256 does not match {self.root / MANIFEST_NAME}")
 
     @property

@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from svam.data.schema import SchemaError, ShardSchema
 from svam.data.shards import read_shard
+from svam.seeding import derived_seed
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -126,7 +127,7 @@ class ShardStream(IterableDataset):
 
     def _plan(self, epoch: int, reader: int, mine: list[tuple[str, str]]):
         """(shards in reading order, the pass's items as (key, index) in yielding order)."""
-        rng = random.Random(f"{self.seed}/{epoch}/{reader}")
+        rng = random.Random(derived_seed(self.seed, epoch, reader))
         shards = list(dict.fromkeys(name for name, _ in mine))
         if self.shuffle:
             rng.shuffle(shards)

@@ -27,13 +27,13 @@ from svam.data.shards import (
     PARTIAL_SUFFIX,
     ShardSet,
     read_shard,
-    sha256_file,
     shard_record,
     tar_writer,
     write_json_atomic,
 )
 from svam.data.streaming import ShardStream, evenly_spaced
-from teachers.configuration_teacher import TeacherConfig, TeacherRuntime
+from svam.hashing import file_digest
+from svam.teachers.configuration_teacher import TeacherConfig, TeacherRuntime
 
 CURRENT = "current"
 CACHED, ON_THE_FLY = "cached", "on-the-fly"
@@ -225,7 +225,7 @@ def write_teacher_cache(
     """Write (key, arrays, meta) samples as a complete teacher-cache shard set, split by
     `meta['split']` into `<split>-NNNNN.tar` shards, with a manifest of `manifest_fields` plus the
     schema, shard records and counts. For synthetic caches (tests, benchmarks); the real cache is
-    written by `teachers.cache`, resumable and across ranks."""
+    written by `svam.teachers.cache`, resumable and across ranks."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
@@ -287,4 +287,4 @@ def cache_key_parts(config: Any, cache: TeacherCache, source: str) -> dict[str, 
     """What a stage trained on a teacher cache depends on besides its own settings: the run seed,
     the cache manifest (which records the teacher runtime on-the-fly features are read with) and
     the one-step source."""
-    return {"seed": config.run.seed, "cache": sha256_file(cache.manifest_path), "onestep": source}
+    return {"seed": config.run.seed, "cache": file_digest(cache.manifest_path), "onestep": source}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policy.configuration_policy import parse_mode
+from svam.policy.configuration_policy import parse_mode
 
 
 @dataclass

@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from policy.configuration_policy import ForesightMode, parse_mode
-from policy.configuration_train import mode_dirname
-from svam.config import Config, config_hash
-from svam.data.shards import sha256_file, write_json_atomic
+from svam.config import Config
+from svam.data.shards import write_json_atomic
+from svam.hashing import file_digest, json_digest
+from svam.policy.configuration_policy import ForesightMode, parse_mode
+from svam.policy.configuration_train import mode_dirname
 from svam.rundir import RunDir
 from svam.serialization import WEIGHTS_NAME
 
@@ -126,14 +127,14 @@ def settings_of(config: Config) -> dict[str, Any]:
 
 
 def _file_digest(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
+    return file_digest(path) if path.is_file() else None
 
 
 def _policy_key(config: Config, target: Target) -> str | None:
     """What a mode's results depend on besides the settings; None when the policy is missing."""
     if target.missing:
         return None
-    return config_hash(
+    return json_digest(
         [
             target.mode,
             _file_digest(target.policy / "config.json"),
@@ -163,7 +164,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else processor,
     }
-    return {**info, "fingerprint": config_hash(info)}
+    return {**info, "fingerprint": json_digest(info)}
 
 
 def _device(name: str) -> str:
@@ -226,7 +227,7 @@ class Evaluation:
     def _baselines_path(self) -> Path:
         """Distill's fitted baselines, published beside the decouplers; a decouplers directory
         without them was written by an older svam (no decouplers: foresight is not measured)."""
-        from distill.train import BASELINES_NAME
+        from svam.distill.train import BASELINES_NAME
 
         run = RunDir.from_config(self.config)
         decouplers = Path(self.args.decouplers or self.config.distill.output_dir or run.decouplers)
@@ -241,12 +242,12 @@ class Evaluation:
         return self.root / mode_dirname(target.mode)
 
     def rollouts_key(self, target: Target) -> str:
-        return config_hash(
+        return json_digest(
             [self.policy_keys[target.mode], self.settings, self.args.videos_per_task]
         )
 
     def fidelity_key(self, target: Target) -> str:
-        return config_hash([self.policy_keys[target.mode], self._fidelity_inputs()])
+        return json_digest([self.policy_keys[target.mode], self._fidelity_inputs()])
 
     def _fidelity_inputs(self) -> list[Any]:
         manifest = self.cache / "manifest.json" if self.cache else Path("-")
@@ -259,22 +260,22 @@ class Evaluation:
         ]
 
     def floor_key(self, policy_key: str | None) -> str:
-        return config_hash([policy_key, self.record.get("feature_steps"), self._fidelity_inputs()])
+        return json_digest([policy_key, self.record.get("feature_steps"), self._fidelity_inputs()])
 
     def flops_key(self, target: Target) -> str:
         from svam.flops import COUNTER
 
-        return config_hash([self.policy_keys[target.mode], self.settings["image_size"], COUNTER])
+        return json_digest([self.policy_keys[target.mode], self.settings["image_size"], COUNTER])
 
     def published_key(self) -> str:
         from svam.config import load_config
         from svam.flops import COUNTER, PUBLISHED_CONFIG
 
         modes = [t.mode for t in self.ok]
-        return config_hash([modes, COUNTER, config_hash(load_config(PUBLISHED_CONFIG))])
+        return json_digest([modes, COUNTER, json_digest(load_config(PUBLISHED_CONFIG))])
 
     def latency_key(self) -> str:
-        return config_hash(
+        return json_digest(
             [
                 [self.policy_keys[t.mode] for t in self.ok],
                 self.args.latency_steps,
@@ -287,7 +288,7 @@ class Evaluation:
 
     def report_key(self) -> str:
         """Everything the report depends on: is_evaluated compares it."""
-        return config_hash(
+        return json_digest(
             [
                 self.policy_keys,
                 self.settings,
@@ -302,7 +303,7 @@ class Evaluation:
     # ------------------------------------------------------------------------- measuring
 
     def load(self, target: Target):
-        from policy.modeling_policy import ShortcutPolicy
+        from svam.policy.modeling_policy import ShortcutPolicy
 
         return ShortcutPolicy.from_pretrained(
             target.policy,
@@ -409,7 +410,7 @@ class Evaluation:
         measured number of the report comes from the test split. Refuse a policy, or a teacher
         setting of the config, whose teacher runtime is not the one that made the cache: the
         policies run with the runtime they record, which must be the cache's."""
-        from teachers.configuration_teacher import TeacherRuntime
+        from svam.teachers.configuration_teacher import TeacherRuntime
 
         if self.cache is None:
             return
@@ -540,8 +541,8 @@ class Evaluation:
         targets it drew under the cache's noise (`multistep:N`'s fresh-noise foresight, measured
         on the multistep policy's frozen teacher and encoders); None without a multistep
         policy, a cache or distill's baselines."""
-        from policy.modeling_policy import ShortcutPolicy
         from svam.eval import measure
+        from svam.policy.modeling_policy import ShortcutPolicy
 
         full = f"multistep:{self.record.get('feature_steps')}"
         if (fidelity.get(full) or {}).get("foresight"):
@@ -646,7 +647,7 @@ class Evaluation:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "key": self.report_key(),
             "machine": machine,
-            "config_fingerprint": config_hash(self.config),
+            "config_fingerprint": json_digest(self.config),
             "settings": {
                 **{k: self.settings[k] for k in ("tasks", "seeds", "max_steps", "execute_actions")},
                 "latency_steps": self.args.latency_steps,

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.fidelity import (
+from svam.data.teacher_cache import CURRENT
+from svam.distill.fidelity import (
     DepthFidelity,
     DepthProbe,
     ForesightFidelity,
@@ -36,8 +37,7 @@ from distill.fidelity import (
     summarize_depth,
     summarize_tokens,
 )
-from policy.modeling_policy import BRANCHES, ShortcutPolicy
-from svam.data.teacher_cache import CURRENT
+from svam.policy.modeling_policy import BRANCHES, ShortcutPolicy
 from svam.seeding import clip_noise, keyed_generator
 
 
@@ -118,7 +118,7 @@ NOISES = ("cache_noise", "fresh_noise")
 
 def noise_generators(run_seed: int, keys: list[str], noise: str) -> list[torch.Generator]:
     """One generator per clip. `cache_noise`: the one `svam cache-teachers` drew the clip's
-    targets with (`teachers.cache`), so `multistep:N` regenerates them; `fresh_noise`: another
+    targets with (`svam.teachers.cache`), so `multistep:N` regenerates them; `fresh_noise`: another
     one per clip, the same for every mode."""
     if noise == "cache_noise":
         return [clip_noise(run_seed, key) for key in keys]
@@ -130,7 +130,7 @@ def noise_generators(run_seed: int, keys: list[str], noise: str) -> list[torch.G
 @dataclass
 class FidelityReference:
     """What foresight is scored against, all fitted by `svam distill` on the train split (its
-    baselines.pt, `distill.train`): each branch's per-channel token mean and std, and the depth
+    baselines.pt, `svam.distill.train`): each branch's per-channel token mean and std, and the depth
     probes that decode geometric tokens into depth: `teacher` (DA3's depth of the teacher's
     generated frames, `encoder` computes it) and `world` (the simulator's depth of the real
     frames)."""

@@ -141,10 +141,10 @@ class _Running:
 
 
 def _observation(running: list[_Running]) -> dict[str, Any]:
-    """The policy's observation (`policy.modeling_policy`) of the live episodes, one row each."""
+    """The policy's observation (`svam.policy.modeling_policy`) of the live episodes, one row each."""
     import torch
 
-    from policy.modeling_policy import GENERATOR, OBS_IMAGE, OBS_STATE, TASK
+    from svam.policy.modeling_policy import GENERATOR, OBS_IMAGE, OBS_STATE, TASK
 
     rgbs, states = zip(*(episode.observe() for episode in running), strict=True)
     return {
@@ -207,7 +207,7 @@ class _Worker:
         self.envs: EnvPool | None = None
 
     def policy(self, episode: Episode):
-        from policy.modeling_policy import ShortcutPolicy
+        from svam.policy.modeling_policy import ShortcutPolicy
 
         if self.loaded is None or self.loaded[0] != episode.mode:
             self.loaded = None  # free the previous policy first
