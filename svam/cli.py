@@ -246,7 +246,8 @@ def _shards_verify(args: argparse.Namespace) -> int:
     shard_set = ShardSet.open(args.path, verify=True)
     count = sum(1 for _ in shard_set.samples())
     print(
-        f"{shard_set.root}: OK ({len(shard_set.shard_paths)} shards, {count} samples, sha256 match)"
+        f"{shard_set.root}: OK ({len(shard_set.shard_paths)} shards, {count} samples: field "
+        "digests, counts, keys, members and sha256 match the manifest)"
     )
     return 0
 
@@ -302,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = shard_verbs.add_parser(
         "verify",
         help="check every shard against the manifest",
-        description="Check sizes and "
-        "sha256 of every shard against manifest.json and decode every sample against the schema.",
+        description="Check manifest.json against the shards: its field digests (an edited "
+        "manifest is refused naming the field), sample counts, every shard's keys and each "
+        "sample's members, sizes and sha256; then decode every sample against the schema.",
     )
     verify.add_argument("path", type=Path, help="shard-set directory (holding manifest.json)")
     verify.set_defaults(handler=_shards_verify)

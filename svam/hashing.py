@@ -37,6 +37,27 @@ def file_digest(*paths: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class DigestReader:
+    """A binary file wrapper that hashes what is read through it, so a parser (tarfile's stream
+    mode) and the sha256 share one pass over the bytes."""
+
+    def __init__(self, handle, chunk_size: int = 1 << 20):
+        self.handle = handle
+        self.chunk_size = chunk_size
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        """The full sha256 of the file, reading what the parser left (tar's end padding)."""
+        while self.read(self.chunk_size):
+            pass
+        return self.digest.hexdigest()
+
+
 def state_digest(modules: Mapping[str, torch.nn.Module] | torch.nn.Module) -> str:
     """Short sha256 of module states: every tensor's name, dtype, shape and bytes, in name order."""
     import torch  # here, so that reading a config (which hashes) does not import torch

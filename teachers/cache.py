@@ -38,6 +38,7 @@ from svam.data.shards import (
     shard_record,
     tar_writer,
     write_json_atomic,
+    write_manifest,
 )
 from svam.hashing import file_digest, json_digest
 from svam.rundir import RunDir
@@ -458,7 +459,7 @@ class TeacherCacheJob:
             "encoders": asdict(self.config.encoders),
             "splits": self.splits(),
         }
-        write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
+        write_manifest(self.out_dir, manifest)
         note = f", skipped {len(skipped)} with NaN/Inf: {', '.join(skipped)}" if skipped else ""
         print(
             f"cache-teachers: {manifest['num_samples']} clips in {len(records)} shards{note} "

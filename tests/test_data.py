@@ -18,7 +18,13 @@ from svam.data.episodes import (
     split_episodes,
 )
 from svam.data.schema import EPISODES, SchemaError, ShardSchema
-from svam.data.shards import MANIFEST_NAME, ShardSet, ShardSetWriter
+from svam.data.shards import (
+    FIELD_DIGESTS,
+    MANIFEST_NAME,
+    ShardSet,
+    ShardSetWriter,
+    write_manifest,
+)
 
 DATA = DataConfig(
     clip_frames=4,
@@ -96,15 +102,102 @@ def test_missing_shard_set_and_partial_hint(tmp_path):
         ShardSet.open(tmp_path / "episodes")
 
 
-def _edit_manifest(root, **changes):
+def _edit_manifest(root, edit=None, resign=False, **changes):
+    """Change manifest fields (or apply `edit` to it) as a hand edit would; with `resign` as a
+    writer would, field digests recomputed."""
     path = root / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     manifest.update(changes)
-    path.write_text(json.dumps(manifest))
+    if edit:
+        edit(manifest)
+    if resign:
+        manifest.pop(FIELD_DIGESTS)
+        write_manifest(root, manifest)
+    else:
+        path.write_text(json.dumps(manifest))
+
+
+def _raise_samples(manifest, shard=1, by=1):
+    manifest["shards"][shard]["samples"] += by
+
+
+def _list_absent_key(manifest):
+    manifest["shards"][1]["keys"].append("push-v3-999999")
+
+
+def _list_a_key_twice(manifest):
+    manifest["shards"][2]["keys"][0] = manifest["shards"][0]["keys"][0]
+
+
+def _drop_an_episode_record(manifest):
+    manifest["episodes"].pop(next(iter(manifest["episodes"])))
+
+
+def _add_a_field(manifest):
+    manifest["note"] = "edited"
+
+
+def _remove_a_field(manifest):
+    manifest.pop("config_hash", None) or manifest.pop("num_samples")
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.update(num_samples=m["num_samples"] + 3), "num_samples' was edited"),
+        (_raise_samples, "shards' was edited"),
+        (_list_absent_key, "shards' was edited"),
+        (_drop_an_episode_record, "episodes' was edited"),
+        (_add_a_field, "note' was added"),
+        (_remove_a_field, "' was removed"),
+    ],
+)
+def test_an_edited_manifest_is_refused_naming_the_field(synthetic_episodes, edit, field):
+    _edit_manifest(synthetic_episodes, edit)
+    with pytest.raises(SchemaError, match=f"manifest.json: field '[a-z_]*{field}"):
+        ShardSet.open(synthetic_episodes, verify=False)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(num_samples=11), "num_samples is 11, the shards hold 8"),
+        (_raise_samples, r"shards\[1\].samples is 4 but shards\[1\].keys lists 3"),
+        (
+            lambda m: (_raise_samples(m), _list_absent_key(m)),
+            r"shard-00001.tar: has no sample 'push-v3-999999', which .* lists \(shards\[1\].keys\)",
+        ),
+        (_list_a_key_twice, "shard-00002.tar: holds sample 'push-v3-"),
+        (_drop_an_episode_record, "episodes lists .* and lacks"),
+    ],
+)
+@pytest.mark.parametrize("verify", [False, True])
+def test_declarations_that_the_shards_contradict_are_refused(
+    synthetic_episodes, edit, message, verify
+):
+    """Even with valid field digests (a writer's bug, or a re-signed edit), every open checks
+    what the manifest declares against the shards' own contents."""
+    _edit_manifest(synthetic_episodes, edit, resign=True)
+    with pytest.raises(SchemaError, match=message):
+        ShardSet.open(synthetic_episodes, verify=verify)
+
+
+def test_a_key_in_two_shards_is_refused(tmp_path):
+    with ShardSetWriter(tmp_path / "e", EPISODES, 1) as writer:
+        for _ in range(2):
+            writer.write("reach-v3-000000", *synthetic_episode("reach-v3", 0, 5))
+        with pytest.raises(SchemaError, match="key 'reach-v3-000000' is in two shards"):
+            ShardSet.open(writer.close(episodes={"reach-v3-000000": {}}))
+
+
+def test_a_manifest_without_field_digests_is_refused(synthetic_episodes):
+    _edit_manifest(synthetic_episodes, lambda m: m.pop(FIELD_DIGESTS))
+    with pytest.raises(SchemaError, match="no field_digests .*re-run the stage that wrote it"):
+        ShardSet.open(synthetic_episodes, verify=False)
 
 
 def test_unknown_schema_version(synthetic_episodes):
-    _edit_manifest(synthetic_episodes, schema_version=99)
+    _edit_manifest(synthetic_episodes, schema_version=99, resign=True)
     with pytest.raises(SchemaError, match="schema version 99 is not supported"):
         ShardSet.open(synthetic_episodes)
 

@@ -3,6 +3,11 @@
 A shard set is complete exactly when its manifest exists: writers build it in `<dir>.partial/` and
 rename the directory when the manifest is written, so an interrupted job never leaves a directory a
 later stage could take for finished.
+
+A manifest cannot lie: it records a digest of each of its fields (`write_manifest`), so an edited
+field is refused by name, and every open checks its declarations against the shards themselves
+(sample counts per shard and in total, every shard's keys in order, each sample's members against
+the schema, no key in two shards), reading only the tar headers; `verify` also hashes the bytes.
 """
 
 from __future__ import annotations
@@ -19,16 +24,50 @@ import numpy as np
 import webdataset as wds
 
 from svam.data.schema import SchemaError, ShardSchema, schema_for
-from svam.hashing import file_digest
+from svam.hashing import DigestReader, file_digest, json_digest
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+FIELD_DIGESTS = "field_digests"
+"""The manifest field holding a digest of each of the others."""
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def field_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    return {name: json_digest(value) for name, value in manifest.items() if name != FIELD_DIGESTS}
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    """Write `directory/manifest.json` (atomically) with a digest of each of its fields."""
+    path = Path(directory) / MANIFEST_NAME
+    write_json_atomic(path, {**manifest, FIELD_DIGESTS: field_digests(manifest)})
+    return path
+
+
+def check_field_digests(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a manifest edited after it was written, naming the first field that disagrees."""
+    recorded = manifest.get(FIELD_DIGESTS)
+    if not isinstance(recorded, dict):
+        raise SchemaError(
+            f"{path}: no {FIELD_DIGESTS} (written by an older svam, or edited): re-run the stage "
+            "that wrote it"
+        )
+    actual = field_digests(manifest)
+    for name in sorted(recorded.keys() | actual.keys()):
+        if name not in actual:
+            raise SchemaError(f"{path}: field '{name}' was removed after the manifest was written")
+        if name not in recorded:
+            raise SchemaError(f"{path}: field '{name}' was added after the manifest was written")
+        if recorded[name] != actual[name]:
+            raise SchemaError(
+                f"{path}: field '{name}' was edited after the manifest was written (its digest "
+                "does not match)"
+            )
 
 
 def tar_writer(path: Path) -> wds.TarWriter:
@@ -112,7 +151,7 @@ class ShardSetWriter:
             "shards": self.shards,
             **manifest_fields,
         }
-        write_json_atomic(self.partial_dir / MANIFEST_NAME, manifest)
+        write_manifest(self.partial_dir, manifest)
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self.partial_dir.rename(self.out_dir)
@@ -155,21 +194,65 @@ class ShardSet:
             raise SchemaError(f"{manifest_path}: unreadable manifest ({exc})") from exc
         if kind is not None and found_kind != kind:
             raise SchemaError(f"{manifest_path}: holds '{found_kind}' shards, expected '{kind}'")
+        check_field_digests(manifest, manifest_path)
         shard_set = cls(root, manifest, schema_for(found_kind, version, str(manifest_path)))
-        for shard in manifest["shards"]:
-            path = root / shard["name"]
-            if not path.is_file():
-                raise SchemaError(f"{path}: shard listed in the manifest is missing")
-        if verify:
-            shard_set.verify()
+        shard_set.check_declarations(hash_bytes=verify)
         return shard_set
 
-    def verify(self) -> None:
-        """Check every shard's size and sha256 against the manifest."""
-        for shard in self.manifest["shards"]:
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def check_declarations(self, hash_bytes: bool = True) -> None:
+        """Check what the manifest declares against the shards: each shard present at its size,
+        holding exactly its listed keys in order, each sample's members those of the schema; no
+        key in two shards; `num_samples` their total; per-sample records (`episodes`) for exactly
+        these keys. Reads only the tar headers, and with `hash_bytes` every byte (sha256)."""
+        where = self.manifest_path
+        shard_of: dict[str, str] = {}
+        for index, shard in enumerate(self.manifest["shards"]):
             path = self.root / shard["name"]
-            if path.stat().st_size != shard["bytes"] or file_digest(path) != shard["sha256"]:
-                raise SchemaError(f"{path}: sha256 does not match {self.root / MANIFEST_NAME}")
+            if not path.is_file():
+                raise SchemaError(f"{path}: shard listed in the manifest is missing")
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                raise SchemaError(
+                    f"{path}: {size} bytes, {where} says {shard['bytes']} (shards[{index}].bytes): "
+                    "truncated or replaced"
+                )
+            keys, digest = shard_index(path, self.schema, hash_bytes)
+            declared = shard["keys"]
+            if len(declared) != shard["samples"]:
+                raise SchemaError(
+                    f"{where}: shards[{index}].samples is {shard['samples']} but shards[{index}]"
+                    f".keys lists {len(declared)}"
+                )
+            if keys != declared:
+                raise SchemaError(f"{path}: {_key_difference(keys, declared, where, index)}")
+            for key in keys:
+                if key in shard_of:
+                    raise SchemaError(
+                        f"{where}: key '{key}' is in two shards, {shard_of[key]} and {shard['name']}"
+                    )
+                shard_of[key] = shard["name"]
+            if digest is not None and digest != shard["sha256"]:
+                raise SchemaError(f"{path}: sha256 does not match {where} (shards[{index}].sha256)")
+        if self.manifest["num_samples"] != len(shard_of):
+            raise SchemaError(
+                f"{where}: num_samples is {self.manifest['num_samples']}, the shards hold "
+                f"{len(shard_of)}"
+            )
+        records = self.manifest.get("episodes")
+        if isinstance(records, dict) and records.keys() != shard_of.keys():
+            extra = sorted(records.keys() - shard_of.keys())
+            missing = sorted(shard_of.keys() - records.keys())
+            raise SchemaError(
+                f"{where}: episodes lists {extra[:3]} that no shard holds and lacks {missing[:3]}"
+            )
+
+    def verify(self) -> None:
+        """Check the manifest's declarations against the shards, hashing every byte."""
+        self.check_declarations(hash_bytes=True)
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -179,6 +262,54 @@ class ShardSet:
         """Decode samples of the given shards in order: (key, arrays, meta)."""
         for path in shard_paths if shard_paths is not None else self.shard_paths:
             yield from read_shard(path, self.schema)
+
+
+def _key_difference(found: list[str], declared: list[str], where: Path, index: int) -> str:
+    """Say how a shard's keys differ from the manifest's list."""
+    unlisted = [key for key in found if key not in set(declared)]
+    if unlisted:
+        return f"holds sample '{unlisted[0]}', which {where} does not list (shards[{index}].keys)"
+    absent = [key for key in declared if key not in set(found)]
+    if absent:
+        return f"has no sample '{absent[0]}', which {where} lists (shards[{index}].keys)"
+    if len(found) != len(set(found)):
+        return "holds a sample key twice"
+    return f"holds its samples in another order than {where} lists them (shards[{index}].keys)"
+
+
+def shard_index(path: Path, schema: ShardSchema, hash_bytes: bool) -> tuple[list[str], str | None]:
+    """The sample keys of a tar shard in order, each sample's members checked against the schema
+    (names only: `read_shard` checks the arrays), and with `hash_bytes` the sha256 of the file,
+    in the same pass. Without it only the headers are read."""
+    known = {f"{name}.npy" for name in schema.arrays} | {"meta.json"}
+    required = {f"{name}.npy" for name, spec in schema.arrays.items() if not spec.optional}
+    required.add("meta.json")
+    members: dict[str, set[str]] = {}
+    keys: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            reader = DigestReader(handle) if hash_bytes else None
+            with tarfile.open(fileobj=reader or handle, mode="r|" if reader else "r:") as tar:
+                for member in tar:
+                    key, suffix = wds.tariterators.base_plus_ext(member.name)
+                    if key is None or suffix not in known:
+                        raise SchemaError(
+                            f"{path}: member '{member.name}' is not in the {schema.kind} schema"
+                        )
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
+                        members[key] = set()
+                    members[key].add(suffix)
+                    if not reader and member.offset_data + member.size > path.stat().st_size:
+                        raise EOFError(f"member '{member.name}' runs past the end of the file")
+            digest = reader.hexdigest() if reader else None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SchemaError(f"{path}: unreadable shard, truncated or corrupt ({exc})") from exc
+    for key, suffixes in members.items():
+        if not required <= suffixes:
+            missing = sorted(required - suffixes)[0]
+            raise SchemaError(f"{path}: sample '{key}' has no member '{missing}'")
+    return keys, digest
 
 
 def read_shard(path: Path, schema: ShardSchema, keys: Container[str] | None = None):

@@ -29,7 +29,7 @@ from svam.data.shards import (
     read_shard,
     shard_record,
     tar_writer,
-    write_json_atomic,
+    write_manifest,
 )
 from svam.data.streaming import ShardStream, evenly_spaced
 from svam.hashing import file_digest
@@ -62,7 +62,27 @@ class TeacherCache:
                 f"{root} has no {MANIFEST_NAME}: `svam cache-teachers` has not finished there "
                 "(run it again; it resumes)"
             )
-        return cls(ShardSet.open(root, kind=TEACHER_CACHE.kind, verify=verify))
+        cache = cls(ShardSet.open(root, kind=TEACHER_CACHE.kind, verify=verify))
+        cache.check_splits()
+        return cache
+
+    def check_splits(self) -> None:
+        """The manifest's clips per split are its split shards' samples, and its test episodes
+        as many as it says."""
+        counts = self.manifest.get("counts", {})
+        for split in SPLITS:
+            held = len(self.members(split))
+            if counts.get(split, 0) != held:
+                raise SchemaError(
+                    f"{self.manifest_path}: counts.{split} is {counts.get(split, 0)}, the {split} "
+                    f"shards hold {held}"
+                )
+        splits = self.manifest.get("splits")
+        if splits and len(splits["test_episodes"]) != splits["episodes"].get("test", 0):
+            raise SchemaError(
+                f"{self.manifest_path}: splits.episodes.test is {splits['episodes'].get('test', 0)}"
+                f" but splits.test_episodes lists {len(splits['test_episodes'])}"
+            )
 
     @property
     def root(self) -> Path:
@@ -252,7 +272,7 @@ def write_teacher_cache(
         "counts": dict(counts),
         **manifest_fields,
     }
-    write_json_atomic(partial / MANIFEST_NAME, manifest)
+    write_manifest(partial, manifest)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
