@@ -1,5 +1,5 @@
 """Wall time and peak memory of `svam demo`, the figures the README and the demo's budget
-(20 minutes, 6 GiB on 2 CPU cores) are about.
+(30 minutes on 2 AVX2 CPU cores) are about.
 
     .venv/bin/python scripts/bench_demo.py --run demo-bench          # from scratch
     .venv/bin/python scripts/bench_demo.py --run demo-bench --keep   # resume an existing run

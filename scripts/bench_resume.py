@@ -1,7 +1,8 @@
 """Benchmark a resume's data start: the first batch after a late checkpoint, streamed by skipping
 the consumed batches (what the trainers do) against replaying them (what they did before).
 
-    python scripts/bench_resume.py [--config tiny] [--batches N] [--workers 0] [--repeats 3]
+    python scripts/bench_resume.py [--config tiny] [--batches N] [--workers 0] [--repeats 3] [key=value ...]
+    python scripts/bench_resume.py run.name=demo-bench   # the run scripts/bench_demo.py made
 
 Reads the run's collected episodes (`svam collect` first) and, if the run has one, its teacher
 cache. The stream is each stage's own: train-teacher's repeating clip loader and distill's
@@ -47,8 +48,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, help="consumed batches (default: see above)")
     parser.add_argument("--workers", type=int, default=0, help="loader workers")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. run.name=demo-bench")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     run = RunDir.from_config(config)
     seed = config.run.seed
     config.data.num_workers = args.workers

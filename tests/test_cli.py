@@ -54,9 +54,15 @@ def test_shards_inspect_and_verify(synthetic_episodes, capsys):
 
 
 def test_shards_verify_fails_on_corruption(synthetic_episodes, capsys):
-    (synthetic_episodes / "shard-00000.tar").write_bytes(b"garbage")
+    shard = synthetic_episodes / "shard-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF  # inside an array member: same size, same headers
+    shard.write_bytes(bytes(data))
     assert main(["shards", "verify", str(synthetic_episodes)]) == 1
     assert "shard-00000.tar: sha256 does not match" in capsys.readouterr().err
+    shard.write_bytes(b"garbage")
+    assert main(["shards", "verify", str(synthetic_episodes)]) == 1
+    assert "shard-00000.tar: 7 bytes" in capsys.readouterr().err
 
 
 def test_run_flag_sets_the_run_name():

@@ -221,10 +221,12 @@ def test_missing_shard_file(synthetic_episodes):
 
 def test_truncated_tar_names_the_shard(synthetic_episodes):
     shard = synthetic_episodes / "shard-00000.tar"
-    shard.write_bytes(shard.read_bytes()[:3000])
     shard_set = ShardSet.open(synthetic_episodes, verify=False)
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(SchemaError, match="shard-00000.tar: 3000 bytes, .* truncated or replaced"):
+        ShardSet.open(synthetic_episodes, verify=False)
     with pytest.raises(SchemaError, match="shard-00000.tar: unreadable shard"):
-        list(shard_set.samples())
+        list(shard_set.samples())  # a reader that opened the set before the damage
 
 
 def test_split_is_by_episode_and_stratified():
