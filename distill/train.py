@@ -80,6 +80,7 @@ from svam.distill.fidelity import (
 )
 from svam.distill.modeling_decoupler import Decoupler, build_decouplers
 from svam.hashing import file_digest, json_digest
+from svam.locking import output_lock
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
 from svam.serialization import WEIGHTS_NAME
@@ -874,4 +875,6 @@ def distill(config: Config, out_dir: str | Path | None = None) -> Path:
     directory (default `runs/<name>/decouplers`)."""
     if out_dir is not None:
         config.distill.output_dir = str(out_dir)
-    return Distiller(config, distill_paths(config)).train()
+    paths = distill_paths(config)
+    with output_lock(paths.output):
+        return Distiller(config, paths).train()

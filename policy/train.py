@@ -51,6 +51,7 @@ from svam.data.teacher_cache import (
     teacher_cache_loader,
 )
 from svam.hashing import json_digest
+from svam.locking import output_lock
 from svam.policy.configuration_policy import (
     AggregatorConfig,
     PolicyModelsConfig,
@@ -563,7 +564,9 @@ def train_policy(config: Config, out_dir: str | Path | None = None) -> Path:
     returns the policy directory (default `runs/<name>/policy/<mode>`)."""
     if out_dir is not None:
         config.train_policy.output_dir = str(out_dir)
-    return PolicyTrainer(config, policy_paths(config)).train()
+    paths = policy_paths(config)
+    with output_lock(paths.output):
+        return PolicyTrainer(config, paths).train()
 
 
 def evaluated_kinds(config: Config) -> list[str]:

@@ -15,6 +15,7 @@ from svam.config import CollectConfig, Config
 from svam.data.schema import EPISODES
 from svam.data.shards import ShardSetWriter
 from svam.hashing import json_digest
+from svam.locking import output_lock
 from svam.rundir import RunDir
 
 
@@ -63,6 +64,12 @@ def collect(config: Config, out_dir: str | Path | None = None) -> Path:
         raise ValueError(f"collect.episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
     run_dir = RunDir.from_config(config)
     out_dir = Path(out_dir) if out_dir is not None else run_dir.episodes
+    with output_lock(out_dir):
+        return _collect(config, run_dir, out_dir)
+
+
+def _collect(config: Config, run_dir: RunDir, out_dir: Path) -> Path:
+    cfg = config.collect
     run_dir.save_config(config, "collect")
     jobs = [
         (task, seed, cfg)

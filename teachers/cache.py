@@ -41,6 +41,7 @@ from svam.data.shards import (
     write_manifest,
 )
 from svam.hashing import file_digest, json_digest
+from svam.locking import output_lock
 from svam.rundir import RunDir
 from svam.seeding import clip_noise, keyed_generator
 from svam.teachers.configuration_teacher import TeacherRuntime
@@ -479,6 +480,9 @@ def cache_teachers(
     on_cpu = config.cache.device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
     job = TeacherCacheJob(config, state)
-    if state.is_main_process:
-        RunDir.from_config(config).save_config(config, "cache-teachers")
-    return job.run(dry_run=dry_run)
+    if dry_run:
+        return job.run(dry_run=True)
+    with output_lock(job.out_dir):
+        if state.is_main_process:
+            RunDir.from_config(config).save_config(config, "cache-teachers")
+        return job.run()

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from svam.checkpoints import replace_dir
 from svam.config import Config, to_dict
 from svam.hashing import file_digest, json_digest, state_digest
+from svam.locking import output_lock
 from svam.rundir import RunDir
 from svam.seeding import keyed_generator
 from svam.teachers.modeling_teacher import (
@@ -449,34 +450,35 @@ def train_teacher(config: Config) -> Path:
             f"no episode shards at {episodes} ({where}): run `svam collect` first "
             "or point train_teacher.episodes at a shard directory"
         )
-    data, seed = config.data, config.run.seed
+    with output_lock(output):
+        data, seed = config.data, config.run.seed
 
-    def train_stream(skip_batches: int) -> Iterator[dict[str, Any]]:
-        loader = clip_loader(
-            episodes, data, "train", seed=seed, repeat=True, skip_batches=skip_batches
+        def train_stream(skip_batches: int) -> Iterator[dict[str, Any]]:
+            loader = clip_loader(
+                episodes, data, "train", seed=seed, repeat=True, skip_batches=skip_batches
+            )
+            return iter(loader)
+
+        eval_cache: list[list[dict[str, Any]]] = []
+
+        def eval_batches() -> list[dict[str, Any]]:
+            if not eval_cache:
+                count = max(args.val_batches, 1)
+                try:
+                    loader = clip_loader(episodes, data, "val", seed=seed, shuffle=True)
+                except SchemaError:  # no validation episodes: show training clips instead
+                    loader = clip_loader(episodes, data, "train", seed=seed, shuffle=True)
+                eval_cache.append(_first_batches(loader, count))
+            return eval_cache[0]
+
+        if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+            run.save_config(config, "train-teacher")
+        trainer = TeacherTrainer(
+            config,
+            train_stream=train_stream,
+            eval_batches=eval_batches,
+            output_dir=output,
+            tb_dir=run.tb / "teacher",
+            training_key=training_key(config, episodes),
         )
-        return iter(loader)
-
-    eval_cache: list[list[dict[str, Any]]] = []
-
-    def eval_batches() -> list[dict[str, Any]]:
-        if not eval_cache:
-            count = max(args.val_batches, 1)
-            try:
-                loader = clip_loader(episodes, data, "val", seed=seed, shuffle=True)
-            except SchemaError:  # no validation episodes: show training clips instead
-                loader = clip_loader(episodes, data, "train", seed=seed, shuffle=True)
-            eval_cache.append(_first_batches(loader, count))
-        return eval_cache[0]
-
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        run.save_config(config, "train-teacher")
-    trainer = TeacherTrainer(
-        config,
-        train_stream=train_stream,
-        eval_batches=eval_batches,
-        output_dir=output,
-        tb_dir=run.tb / "teacher",
-        training_key=training_key(config, episodes),
-    )
-    return trainer.train()
+        return trainer.train()

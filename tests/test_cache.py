@@ -215,12 +215,13 @@ def test_manifest_records_the_teacher_runtime_that_later_stages_read(inputs, ref
     assert "teacher.feature_sigma=0.5 where None is recorded" in message and "\n" not in message
     assert "svam cache-teachers" in message
 
-    # A cache written before runtimes were recorded reads as made with the defaults.
+    # A cache written by an older svam (no runtime, no field digests) is refused: rebuild it.
     legacy = tmp_path / "legacy"
     shutil.copytree(reference, legacy)
-    del manifest["teacher_runtime"]
+    del manifest["teacher_runtime"], manifest["field_digests"]
     (legacy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert TeacherCache.open(legacy, verify=False).runtime == TeacherRuntime()
+    with pytest.raises(SchemaError, match="no field_digests .*re-run the stage that wrote it"):
+        TeacherCache.open(legacy, verify=False)
 
 
 def test_refuses_to_add_to_a_cache_of_other_teacher_settings(inputs, reference, tmp_path, capsys):

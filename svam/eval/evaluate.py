@@ -40,6 +40,7 @@ import numpy as np
 from svam.config import Config
 from svam.data.shards import write_json_atomic
 from svam.hashing import file_digest, json_digest
+from svam.locking import output_lock
 from svam.policy.configuration_policy import ForesightMode, parse_mode
 from svam.policy.configuration_train import mode_dirname
 from svam.rundir import RunDir
@@ -722,24 +723,25 @@ def evaluate(config: Config, out_dir: str | Path | None = None) -> Path:
 
     if out_dir is not None:
         config.eval.output_dir = str(out_dir)
-    evaluation = Evaluation(config)
-    for target in evaluation.targets:
-        if target.missing:
-            print(f"eval: {target.mode}: missing: {target.missing}")
-    if not evaluation.ok:
-        raise EvalError(f"eval: no mode has a policy: {evaluation.targets[0].missing}")
-    run = RunDir.from_config(config)
-    run.save_config(config, "eval")
-    evaluation.root.mkdir(parents=True, exist_ok=True)
-    evaluation.check_cache()
-    rollouts = evaluation.run_rollouts() if config.eval.rollouts else {}
-    with fixed_threads(config.eval.threads):
-        policies = {t.mode: evaluation.load(t) for t in evaluation.ok}
-        measured = evaluation.measure(policies)
-    del policies
-    report = evaluation.report(rollouts, measured)
-    tensorboard = run.tb / "eval" if config.eval.tensorboard else None
-    path = write_report(report, evaluation.root, tensorboard)
-    print(f"eval: report -> {path}")
-    print(headline_table(json.loads((evaluation.root / REPORT_JSON).read_text())))
-    return path
+    with output_lock(evaluate_dir(config)):
+        evaluation = Evaluation(config)
+        for target in evaluation.targets:
+            if target.missing:
+                print(f"eval: {target.mode}: missing: {target.missing}")
+        if not evaluation.ok:
+            raise EvalError(f"eval: no mode has a policy: {evaluation.targets[0].missing}")
+        run = RunDir.from_config(config)
+        run.save_config(config, "eval")
+        evaluation.root.mkdir(parents=True, exist_ok=True)
+        evaluation.check_cache()
+        rollouts = evaluation.run_rollouts() if config.eval.rollouts else {}
+        with fixed_threads(config.eval.threads):
+            policies = {t.mode: evaluation.load(t) for t in evaluation.ok}
+            measured = evaluation.measure(policies)
+        del policies
+        report = evaluation.report(rollouts, measured)
+        tensorboard = run.tb / "eval" if config.eval.tensorboard else None
+        path = write_report(report, evaluation.root, tensorboard)
+        print(f"eval: report -> {path}")
+        print(headline_table(json.loads((evaluation.root / REPORT_JSON).read_text())))
+        return path
