@@ -48,6 +48,8 @@ class PolicyTrainConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
+    max_nonfinite_steps: int = 10
+    """Steps in a row with a NaN/Inf loss or gradient (each skipped) after which training stops."""
     mixed_precision: str = "no"
     use_ema: bool = True
     ema_decay: float = 0.999

@@ -1,9 +1,9 @@
 """One writer per output: a stage holds an exclusive lock on what it writes.
 
-The lock is `<output>.lock` beside the output, held through filelock (an OS-level `flock`), so the
+The lock is `.<output>.lock` beside the output, held through filelock (an OS-level `flock`), so the
 kernel releases it when its holder dies however it dies: a lock left by a killed process is simply
 taken by the next one. Who holds it (pid, host, command, since when) is written beside it, in
-`<output>.lock.holder.json`, for the one-line refusal a second writer gets. The ranks of one
+`.<output>.lock.holder.json`, for the one-line refusal a second writer gets. The ranks of one
 distributed job share their job's lock: the main process takes it and tells the others whether it
 got it, so all of them go on or all of them stop.
 """
@@ -27,11 +27,12 @@ class OutputLockedError(OSError):
 
 
 def lock_path(output: Path) -> Path:
-    return output.with_name(output.name + ".lock")
+    """A hidden file beside the output (kept after release: removing it would race)."""
+    return output.with_name(f".{output.name}.lock")
 
 
 def holder_path(output: Path) -> Path:
-    return output.with_name(output.name + ".lock.holder.json")
+    return output.with_name(f".{output.name}.lock.holder.json")
 
 
 def _holder(output: Path) -> str:

@@ -13,6 +13,11 @@ Exact resume: a checkpoint holds the model, optimizer, LR schedule, EMA and RNG 
 the stage's stream starts after them without reading them again (`svam.data.streaming`), and
 every random draw of a step is keyed by (run seed, process, micro step), so the resumed run goes
 on exactly as the uninterrupted one would.
+
+Non-finite steps: a step whose loss (on any micro-batch, on any process) or gradient norm is NaN
+or Inf is skipped, every process agreeing: no update, no LR or EMA step, counted in
+`train/skipped_steps`; `max_nonfinite_steps` of them in a row stop the stage with one line naming
+the step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class LoopSettings:
     checkpoint_every: int = 100
     checkpoints_total_limit: int = 2
     resume: str | None = "latest"
+    max_nonfinite_steps: int = 10
+    """Optimizer steps in a row whose loss or gradient is NaN/Inf (each skipped: no update) after
+    which the stage stops."""
 
     @classmethod
     def of(cls, section: Any, **changes: Any) -> LoopSettings:
@@ -145,6 +153,11 @@ class TrainingLoop:
         self.timing: dict[str, float] = defaultdict(float)
         """Seconds waiting for batches ('data') and in micro steps ('step'); stages add parts."""
         self.ema = None
+        self.skipped_steps = 0
+        """Optimizer steps skipped for a non-finite loss or gradient (resumed ones included)."""
+        self._window_finite = True
+        self.last_good_checkpoint: Path | None = None
+        """The newest checkpoint written after a step that updated the weights."""
         stage.loop = self
 
     # ------------------------------------------------------------------------------ the run
@@ -210,6 +223,7 @@ class TrainingLoop:
         )
         window: dict[str, list[float]] = defaultdict(list)
         step_losses: list[float] = []
+        in_a_row = 0
         tick, clips, waited = time.perf_counter(), 0, 0.0
         while step < settings.steps:
             start = time.perf_counter()
@@ -225,8 +239,17 @@ class TrainingLoop:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            if self.ema is not None:
-                self.ema.step(params)
+            stepped = self._window_finite
+            self._window_finite = True
+            if stepped:
+                in_a_row = 0
+                if self.ema is not None:
+                    self.ema.step(params)
+            else:
+                self.skipped_steps += 1
+                in_a_row += 1
+                self._stop_if_diverged(step, in_a_row)
+            window["train/skipped_steps"].append(self.skipped_steps)
             self.history.append(sum(step_losses) / len(step_losses))
             step_losses.clear()
             progress.update(1)
@@ -247,7 +270,9 @@ class TrainingLoop:
             if settings.eval_every and (step % settings.eval_every == 0 or last):
                 self._validate(step)
             if step % settings.checkpoint_every == 0 or last:
-                self.save_checkpoint(step, consumed)
+                saved = self.save_checkpoint(step, consumed)
+                if in_a_row == 0:
+                    self.last_good_checkpoint = saved
             if logged:  # throughput windows leave validation and checkpoint time out
                 window.clear()
                 tick, clips, waited = time.perf_counter(), 0, 0.0
@@ -259,14 +284,45 @@ class TrainingLoop:
         accelerator, start = self.accelerator, time.perf_counter()
         with accelerator.accumulate(self.model):
             loss, scalars = self.stage.loss(self.model, batch, micro_step)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and self.settings.max_grad_norm:
-                accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            # Every process takes the same branch: DDP's gradient all-reduce needs all of them.
+            finite = self._everywhere(torch.isfinite(loss.detach()))
+            self._window_finite &= finite
+            if finite:
+                accelerator.backward(loss)
+            if accelerator.sync_gradients and self._window_finite:
+                norm = (
+                    accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+                    if self.settings.max_grad_norm
+                    else torch.stack(
+                        [p.grad.detach().norm() for p in self.params if p.grad is not None]
+                    ).norm()
+                )
+                self._window_finite &= self._everywhere(torch.isfinite(norm))
+            if accelerator.sync_gradients and self._window_finite:
+                self.optimizer.step()
+                self.lr_scheduler.step()
+            if accelerator.sync_gradients:
+                self.optimizer.zero_grad(set_to_none=True)
         self.timing["step"] += time.perf_counter() - start
         return loss.detach().item(), scalars
+
+    def _everywhere(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` (a bool tensor) holds on every process."""
+        flag = flag.to(self.device, torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
+        return bool(flag.item() == 1.0)
+
+    def _stop_if_diverged(self, step: int, in_a_row: int) -> None:
+        if in_a_row < self.settings.max_nonfinite_steps:
+            return
+        good = self.last_good_checkpoint
+        where = f"the last good checkpoint is {good}" if good else "no good checkpoint was written"
+        raise self.stage.error(
+            f"{self.stage.name}: {in_a_row} steps in a row with a non-finite loss or gradient, "
+            f"the last at step {step} ({self.skipped_steps} skipped in all); {where}: lower "
+            f"{self.stage.section}.learning_rate or set {self.stage.section}.max_grad_norm"
+        )
 
     # ------------------------------------------------------------------ validation and logs
 
@@ -318,6 +374,7 @@ class TrainingLoop:
             "num_processes": self.accelerator.num_processes,
             **self.stage.resume_record(),
             "history": self.history,
+            "skipped_steps": self.skipped_steps,
             "stage_state": self.stage.state(),
         }
 
@@ -348,7 +405,9 @@ class TrainingLoop:
         with _quiet():
             self.accelerator.load_state(str(path))
         self.history = list(state.get("history", []))
+        self.skipped_steps = state.get("skipped_steps", 0)
         stage.load_state(state.get("stage_state", state))
+        self.last_good_checkpoint = path
         if self.is_main:
             tqdm.write(f"{stage.name}: resumed from {path} (step {state['step']})")
         return state["step"], state["micro_step"]

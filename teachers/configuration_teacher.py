@@ -200,6 +200,8 @@ class TeacherTrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
+    max_nonfinite_steps: int = 10
+    """Steps in a row with a NaN/Inf loss or gradient (each skipped) after which training stops."""
     mixed_precision: str = "no"
     """accelerate's: no, fp16 (GPU), bf16."""
     gradient_checkpointing: bool = False

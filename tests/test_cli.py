@@ -86,6 +86,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert written["settings"]["split"] == "test" and written["sampling_floor"] is not None
     policies = (tmp_path / "micro" / "policy").iterdir()
     assert sorted(p.name for p in policies if not p.name.endswith("-train")) == [
+        *(f".{kind}.lock" for kind in ("blind", "multistep", "onestep", "shortcut")),
         "blind",
         "multistep",
         "onestep",

@@ -622,6 +622,7 @@ def test_eval_refuses_a_cache_without_test_clips(world, trained, tmp_path, capsy
     """A cache made before the test split existed: one line saying how to rebuild it, before any
     episode runs."""
     from svam.cli import main
+    from svam.data.shards import write_manifest
 
     root, cache = world
     old = tmp_path / "old-cache"
@@ -632,7 +633,8 @@ def test_eval_refuses_a_cache_without_test_clips(world, trained, tmp_path, capsy
         manifest["shards"].remove(shard)
         manifest["num_samples"] -= shard["samples"]
     manifest["counts"].pop("test", None)
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    manifest.pop("field_digests")
+    write_manifest(old, manifest)  # as the svam of the time wrote it
     policy = tmp_path / "run" / "policy" / "shortcut"
     shutil.copytree(trained["shortcut"], policy)
     record = json.loads((policy / "config.json").read_text())
