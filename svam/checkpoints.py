@@ -21,11 +21,15 @@ TRAIN_STATE_NAME = "train_state.json"
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete directory `tmp` in place of `final`: an interruption leaves the old
-    directory or none, never a partial one (`*.tmp` leftovers are removed on the next start)."""
+    """Put the complete directory `tmp` in place of `final` by renames only: a kill at any moment
+    leaves the old directory or none, never a partial one (the old one is deleted only once the
+    new one is in place; `*.tmp` and `*.old` leftovers go on the next call)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointDir:

@@ -225,58 +225,60 @@ class TrainingLoop:
         step_losses: list[float] = []
         in_a_row = 0
         tick, clips, waited = time.perf_counter(), 0, 0.0
-        while step < settings.steps:
-            start = time.perf_counter()
-            batch = next(stream)
-            waited += time.perf_counter() - start
-            self.timing["data"] += time.perf_counter() - start
-            loss, scalars = self._micro_step(batch, consumed)
-            consumed += 1
-            clips += len(batch["key"])
-            step_losses.append(loss)
-            for name, value in {"train/loss": loss, **scalars}.items():
-                window[name].append(value)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            stepped = self._window_finite
-            self._window_finite = True
-            if stepped:
-                in_a_row = 0
-                if self.ema is not None:
-                    self.ema.step(params)
-            else:
-                self.skipped_steps += 1
-                in_a_row += 1
-                self._stop_if_diverged(step, in_a_row)
-            window["train/skipped_steps"].append(self.skipped_steps)
-            self.history.append(sum(step_losses) / len(step_losses))
-            step_losses.clear()
-            progress.update(1)
-            progress.set_postfix(loss=f"{self.history[-1]:.4f}")
-            last = step == settings.steps
-            logged = step % settings.log_every == 0 or last
-            if logged:
-                elapsed = time.perf_counter() - tick
-                self.log(
-                    step,
-                    {
-                        **{name: sum(values) / len(values) for name, values in window.items()},
-                        "train/lr": self.lr_scheduler.get_last_lr()[0],
-                        "train/clips_per_s": clips * accelerator.num_processes / elapsed,
-                        "train/data_wait_fraction": waited / elapsed,
-                    },
-                )
-            if settings.eval_every and (step % settings.eval_every == 0 or last):
-                self._validate(step)
-            if step % settings.checkpoint_every == 0 or last:
-                saved = self.save_checkpoint(step, consumed)
-                if in_a_row == 0:
-                    self.last_good_checkpoint = saved
-            if logged:  # throughput windows leave validation and checkpoint time out
-                window.clear()
-                tick, clips, waited = time.perf_counter(), 0, 0.0
-        progress.close()
+        try:
+            while step < settings.steps:
+                start = time.perf_counter()
+                batch = next(stream)
+                waited += time.perf_counter() - start
+                self.timing["data"] += time.perf_counter() - start
+                loss, scalars = self._micro_step(batch, consumed)
+                consumed += 1
+                clips += len(batch["key"])
+                step_losses.append(loss)
+                for name, value in {"train/loss": loss, **scalars}.items():
+                    window[name].append(value)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                stepped = self._window_finite
+                self._window_finite = True
+                if stepped:
+                    in_a_row = 0
+                    if self.ema is not None:
+                        self.ema.step(params)
+                else:
+                    self.skipped_steps += 1
+                    in_a_row += 1
+                    self._stop_if_diverged(step, in_a_row)
+                window["train/skipped_steps"].append(self.skipped_steps)
+                self.history.append(sum(step_losses) / len(step_losses))
+                step_losses.clear()
+                progress.update(1)
+                progress.set_postfix(loss=f"{self.history[-1]:.4f}")
+                last = step == settings.steps
+                logged = step % settings.log_every == 0 or last
+                if logged:
+                    elapsed = time.perf_counter() - tick
+                    self.log(
+                        step,
+                        {
+                            **{name: sum(values) / len(values) for name, values in window.items()},
+                            "train/lr": self.lr_scheduler.get_last_lr()[0],
+                            "train/clips_per_s": clips * accelerator.num_processes / elapsed,
+                            "train/data_wait_fraction": waited / elapsed,
+                        },
+                    )
+                if settings.eval_every and (step % settings.eval_every == 0 or last):
+                    self._validate(step)
+                if step % settings.checkpoint_every == 0 or last:
+                    saved = self.save_checkpoint(step, consumed)
+                    if in_a_row == 0:
+                        self.last_good_checkpoint = saved
+                if logged:  # throughput windows leave validation and checkpoint time out
+                    window.clear()
+                    tick, clips, waited = time.perf_counter(), 0, 0.0
+        finally:  # also when a stage stops the run
+            progress.close()
         return self._export(step)
 
     def _micro_step(self, batch: dict[str, Any], micro_step: int) -> tuple[float, dict[str, float]]:
