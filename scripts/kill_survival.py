@@ -105,8 +105,9 @@ def main() -> None:
         same = final.returncode == 0 and weights(run / output) == weights(reference / output)
         failed |= not same
         files = len(weights(reference / output))
+        killed = sum(not moment.endswith("(finished first)") for moment in moments)
         print(
-            f"{verb}: {args.kills} SIGKILLs at {', '.join(moments)} of a {seconds[verb]:.1f} s run; "
+            f"{verb}: {killed} SIGKILLs at {', '.join(moments)} of a {seconds[verb]:.1f} s run; "
             f"re-run exit {final.returncode}; {files} weight files "
             + ("byte-identical to the uninterrupted run" if same else "DIFFER")
         )
