@@ -47,6 +47,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
+from svam.atomic import removing_on_failure, replace_dir
 from svam.config import Config, to_dict
 from svam.data.episodes import SPLITS
 from svam.data.teacher_cache import (
@@ -262,9 +263,9 @@ class DecouplerPair(nn.Module):
 def _save_atomic(model: Decoupler, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with removing_on_failure(path, tmp):
+        model.save_pretrained(tmp)
+        replace_dir(tmp, path)
 
 
 def _means(result: dict[str, list[float]]) -> dict[str, float]:
@@ -524,8 +525,10 @@ class Distiller(TrainingStage):
             fitted.update(depth, depth_note="; ".join(notes))
             if self.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(fitted, path.with_name(path.name + ".tmp"))
-                path.with_name(path.name + ".tmp").replace(path)
+                tmp = path.with_name(path.name + ".tmp")
+                with removing_on_failure(path, tmp):
+                    torch.save(fitted, tmp)
+                    tmp.replace(path)
         configs = self.decouplers.branches()
         on_device = {k: v.to(self.device) for k, v in fitted.items() if isinstance(v, torch.Tensor)}
         self.probes = {

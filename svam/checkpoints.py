@@ -16,20 +16,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from svam.atomic import removing_on_failure, replace_dir
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAIN_STATE_NAME = "train_state.json"
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete directory `tmp` in place of `final` by renames only: a kill at any moment
-    leaves the old directory or none, never a partial one (the old one is deleted only once the
-    new one is in place; `*.tmp` and `*.old` leftovers go on the next call)."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointDir:
@@ -49,11 +39,13 @@ class CheckpointDir:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+        with removing_on_failure(final, tmp):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+                replace_dir(tmp, final)
         if accelerator.is_main_process:
-            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            replace_dir(tmp, final)
             done = sorted(self.complete())
             for _, old in done[: max(len(done) - self.keep, 0)]:
                 shutil.rmtree(old)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from svam.atomic import write_text_atomic
+
 
 class OutputLockedError(OSError):
     """Another process is writing the output (the message names it and its holder)."""
@@ -60,9 +62,11 @@ def _take(output: Path) -> tuple[FileLock | None, str | None]:
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(["svam", *sys.argv[1:]]) if sys.argv else "svam",
     }
-    tmp = holder_path(output).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(holder_path(output))
+    try:
+        write_text_atomic(holder_path(output), json.dumps(record) + "\n")
+    except OSError:
+        lock.release()
+        raise
     return lock, None
 
 

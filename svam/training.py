@@ -38,7 +38,8 @@ from accelerate.utils import ProjectConfiguration
 from torch import nn
 from tqdm.auto import tqdm
 
-from svam.checkpoints import CheckpointDir, replace_dir
+from svam.atomic import removing_on_failure, replace_dir
+from svam.checkpoints import CheckpointDir
 
 
 @dataclass(frozen=True)
@@ -425,9 +426,10 @@ class TrainingLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        self.stage.export(model, step, tmp)
-        if self.is_main:
-            replace_dir(tmp, self.output_dir)
+        with removing_on_failure(self.output_dir, tmp):
+            self.stage.export(model, step, tmp)
+            if self.is_main:
+                replace_dir(tmp, self.output_dir)
         for tracker in accelerator.trackers:  # not end_training: it ends the process group
             tracker.finish()
         accelerator.wait_for_everyone()

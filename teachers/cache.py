@@ -28,6 +28,7 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from svam import __version__
+from svam.atomic import removing_on_failure, write_json_atomic
 from svam.config import Config
 from svam.data.episodes import SPLITS, clip_starts, split_counts, split_episodes
 from svam.data.schema import EPISODES, TEACHER_CACHE, SchemaError
@@ -37,7 +38,6 @@ from svam.data.shards import (
     read_shard,
     shard_record,
     tar_writer,
-    write_json_atomic,
     write_manifest,
 )
 from svam.hashing import file_digest, json_digest
@@ -338,7 +338,7 @@ class TeacherCacheJob:
         start = time.perf_counter()
         path = self.out_dir / job.name
         tmp = path.with_name(path.name + ".tmp")
-        with tar_writer(tmp) as tar:
+        with removing_on_failure(path, tmp), tar_writer(tmp) as tar:
             for key, arrays, meta in samples:
                 tar.write(TEACHER_CACHE.encode(key, arrays, meta))
         tmp.replace(path)
@@ -387,11 +387,11 @@ class TeacherCacheJob:
                 self.report_eta(progress)
             progress.close()
             return self.out_dir
-        for job in todo:
-            for stale in self.out_dir.glob(f"{job.name}*.tmp"):
-                stale.unlink()
-            self.write_shard(job, store, progress)
-        progress.close()
+        with progress:  # closed before a failure's one-line error, not after it
+            for job in todo:
+                for stale in self.out_dir.glob(f"{job.name}*.tmp"):
+                    stale.unlink()
+                self.write_shard(job, store, progress)
         total = time.perf_counter() - self.started
         if todo:
             parts = ", ".join(

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
-from svam.checkpoints import replace_dir
+from svam.atomic import removing_on_failure, replace_dir
 from svam.config import Config, to_dict
 from svam.hashing import file_digest, json_digest, state_digest
 from svam.locking import output_lock
@@ -249,10 +249,11 @@ class TeacherTrainer(TrainingStage):
             if accelerator.is_main_process:
                 tmp = target.with_name("vae.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                with quiet_libraries():
-                    vae.save_pretrained(tmp)
-                (tmp / "warm_up.json").write_text(json.dumps(marker, indent=2) + "\n")
-                replace_dir(tmp, target)
+                with removing_on_failure(target, tmp):
+                    with quiet_libraries():
+                        vae.save_pretrained(tmp)
+                    (tmp / "warm_up.json").write_text(json.dumps(marker, indent=2) + "\n")
+                    replace_dir(tmp, target)
             accelerator.wait_for_everyone()
         teacher.config = dataclasses.replace(
             teacher.config, vae_scaling_factor=teacher.vae.config.scaling_factor

@@ -105,3 +105,16 @@ def torchrun(processes: int, *cli_args: str) -> list[str]:
         "svam.cli",
         *cli_args,
     ]
+
+
+def file_size_limit(max_bytes: int):
+    """A `preexec_fn` under which the child's writes past `max_bytes` in any file fail with a real
+    OSError (EFBIG) from the kernel, as a filling disk would fail them: any write, anywhere."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a signal that kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return apply

@@ -1,5 +1,6 @@
 """`svam cache-teachers` on a micro teacher: contents, determinism, kill + resume, two ranks, faults."""
 
+import errno
 import json
 import os
 import shutil
@@ -12,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import torchrun, write_synthetic_episodes
+from conftest import file_size_limit, torchrun, write_synthetic_episodes
 
+from svam.atomic import WriteFailedError
 from svam.cli import main
 from svam.config import load_config
 from svam.data.schema import TEACHER_CACHE, SchemaError
@@ -326,3 +328,50 @@ def test_shards_inspect_shows_the_splits(reference, capsys):
         in out
     )
     assert "data.test_fraction=0.34" in out
+
+
+def test_a_failed_shard_write_leaves_nothing_partial_and_the_rerun_resumes(
+    inputs, reference, tmp_path, monkeypatch, capsys
+):
+    """A full disk at the fourth shard (val-00000): the three train shards stand, it leaves no file."""
+    import svam.teachers.cache as cache_module
+
+    original, calls = cache_module.tar_writer, []
+
+    def filling(path):
+        calls.append(path)
+        if len(calls) == 4:
+            path.write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(path)
+
+    monkeypatch.setattr(cache_module, "tar_writer", filling)
+    out = tmp_path / "cache"
+    with pytest.raises(WriteFailedError) as failed:
+        cache_teachers(load_config("tiny", overrides_for(inputs, out)))
+    assert str(failed.value).startswith(f"could not write {out / 'val-00000.tar'}: No space")
+    assert sorted(p.name for p in out.glob("*.tar*")) == [
+        f"train-0000{i}.tar{suffix}" for i in range(3) for suffix in ("", ".json")
+    ]
+    monkeypatch.undo()
+    capsys.readouterr()
+    cache_teachers(load_config("tiny", overrides_for(inputs, out)))
+    assert "(3 already complete)" in capsys.readouterr().out
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_a_real_write_error_ends_in_one_line_naming_the_shard(inputs, reference, tmp_path):
+    """A real OSError from the kernel (a file-size limit standing in for a full disk)."""
+    out = tmp_path / "cache"
+    smallest = min(p.stat().st_size for p in reference.glob("*.tar"))
+    result = subprocess.run(
+        _cli(*overrides_for(inputs, out)),
+        capture_output=True,
+        text=True,
+        preexec_fn=file_size_limit(smallest // 2),
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("svam cache-teachers: error: could not write ")
+    assert "-00000.tar: File too large" in last
+    assert not list(out.glob("*.tar*")) and not (out / MANIFEST_NAME).exists()

@@ -1,8 +1,10 @@
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import tiny_collect_overrides
+from conftest import file_size_limit, tiny_collect_overrides
 
 from svam.collect import collect
 from svam.config import load_config
@@ -69,3 +71,19 @@ def test_failed_episodes_are_dropped_and_counted(tmp_path):
     )
     manifest = ShardSet.open(kept).manifest
     assert manifest["kept"] == 2 and not any(e["success"] for e in manifest["episodes"].values())
+
+
+def test_a_failed_write_leaves_nothing_partial_and_names_the_path(tmp_path):
+    """A real OSError from the kernel (a file-size limit standing in for a full disk)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "svam.cli", "collect", *tiny_collect_overrides(tmp_path)],
+        capture_output=True,
+        text=True,
+        preexec_fn=file_size_limit(64 * 1024),
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    shard = tmp_path / "test" / "episodes.partial" / "shard-00000.tar"
+    assert last.startswith(f"svam collect: error: could not write {shard}: File too large;")
+    assert not (tmp_path / "test" / "episodes").exists()
+    assert not (tmp_path / "test" / "episodes.partial").exists()

@@ -93,11 +93,16 @@ RANKS = textwrap.dedent(
     from svam.locking import OutputLockedError, output_lock
     from accelerate import PartialState
     rank = PartialState(cpu=True).process_index
+
+    def say(word):  # one write per line: the ranks share torchrun's stdout pipe
+        sys.stdout.write(f"rank {rank} {word}\\n")
+        sys.stdout.flush()
+
     try:
         with output_lock(sys.argv[1]):
-            print(f"rank {rank} writes", flush=True)
+            say("writes")
     except OutputLockedError:
-        print(f"rank {rank} refused", flush=True)
+        say("refused")
     torch.distributed.destroy_process_group()  # as svam.cli does: gloo's threads end cleanly
     """
 )

@@ -12,6 +12,7 @@ the schema, no key in two shards), reading only the tar headers; `verify` also h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tarfile
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from svam.atomic import removing_on_failure, write_json_atomic
 from svam.data.schema import SchemaError, ShardSchema, schema_for
 from svam.hashing import DigestReader, file_digest, json_digest
 
@@ -30,12 +32,6 @@ MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 FIELD_DIGESTS = "field_digests"
 """The manifest field holding a digest of each of the others."""
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def field_digests(manifest: dict[str, Any]) -> dict[str, str]:
@@ -116,9 +112,10 @@ class ShardSetWriter:
     def _finish_shard(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
         name = self.shards[-1]["name"]
         path = self.partial_dir / name
+        with removing_on_failure(path, self.partial_dir):
+            self._tar.close()
         self.shards[-1].update(
             samples=len(self._keys),
             keys=self._keys,
@@ -134,10 +131,9 @@ class ShardSetWriter:
         if self._tar is None:
             name = f"shard-{len(self.shards):05d}.tar"
             self.shards.append({"name": name})
-            self._tar = wds.TarWriter(
-                str(self.partial_dir / name), mtime=0.0, user="svam", group="svam"
-            )
-        self._tar.write(sample)
+            self._tar = tar_writer(self.partial_dir / name)
+        with removing_on_failure(self.partial_dir / self.shards[-1]["name"], self.partial_dir):
+            self._tar.write(sample)
         self._keys.append(key)
 
     def close(self, **manifest_fields: Any) -> Path:
@@ -159,7 +155,8 @@ class ShardSetWriter:
 
     def abort(self) -> None:
         if self._tar is not None:
-            self._tar.close()
+            with contextlib.suppress(OSError):  # the write that failed may fail again here
+                self._tar.close()
             self._tar = None
         shutil.rmtree(self.partial_dir, ignore_errors=True)
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from svam.atomic import write_json_atomic
 from svam.config import Config
-from svam.data.shards import write_json_atomic
 from svam.hashing import file_digest, json_digest
 from svam.locking import output_lock
 from svam.policy.configuration_policy import ForesightMode, parse_mode

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from svam.atomic import removing_on_failure, write_text_atomic
 from svam.eval.stats import paired_comparison
 
 DPI = 110
@@ -880,9 +881,10 @@ def _success_figure(report: dict):
 
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    with removing_on_failure(path, tmp):
+        fig.savefig(tmp, format="png", dpi=DPI)
+        _pyplot().close(fig)
+        os.replace(tmp, path)
 
 
 def plot(report: dict, out_dir: Path) -> list[Path]:
@@ -940,12 +942,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, out_dir: Path, tensorboard_dir: Path | None = None) -> Path:
     """Complete `report` and write `report.json`, `report.md` and the figures into `out_dir` (and
     TensorBoard logs into `tensorboard_dir` if given); the path of `report.md`."""
@@ -953,8 +949,8 @@ def write_report(report: dict, out_dir: Path, tensorboard_dir: Path | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     completed = complete(report)
     payload = json.dumps(_json_safe(completed), indent=2, allow_nan=False)
-    _write_text(out_dir / "report.json", payload + "\n")
-    _write_text(out_dir / "report.md", markdown(completed))
+    write_text_atomic(out_dir / "report.json", payload + "\n")
+    write_text_atomic(out_dir / "report.md", markdown(completed))
     plot(completed, out_dir)
     if tensorboard_dir is not None:
         log_tensorboard(completed, tensorboard_dir)
