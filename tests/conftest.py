@@ -118,3 +118,18 @@ def file_size_limit(max_bytes: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
     return apply
+
+
+@pytest.fixture(scope="session")
+def micro_demo(tmp_path_factory):
+    """`svam demo` on the micro config, run once: (run directory, what it printed)."""
+    import contextlib
+    import io
+
+    from svam.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--config", "micro", f"run.root={root}"]) == 0
+    return root / "micro", printed.getvalue()

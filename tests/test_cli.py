@@ -70,21 +70,20 @@ def test_run_flag_sets_the_run_name():
     assert args.run == "exp1" and args.overrides == ["collect.workers=1"]
 
 
-def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
-    args = ["demo", "--config", "micro", f"run.root={tmp_path}"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
+def test_demo_runs_every_stage_and_resumes(micro_demo, capsys):
+    run, out = micro_demo
+    args = ["demo", "--config", "micro", f"run.root={run.parent}"]
     stages = [stage.verb for stage in STAGES]
     ran = [line[len("demo: ") :] for line in out.splitlines() if line.startswith("demo: ")]
     assert ran[:-1] == stages and ran[-1].startswith("done in")
-    report = tmp_path / "micro" / "eval" / "report.json"
+    report = run / "eval" / "report.json"
     assert f"report: {report.with_name('report.md')}" in out
     written = json.loads(report.read_text())
     modes = written["modes"]
     assert list(modes) == ["onestep", "shortcut", "multistep:2", "partial:0.5", "blind"]
     assert all(result["status"] == "ok" for result in modes.values())
     assert written["settings"]["split"] == "test" and written["sampling_floor"] is not None
-    policies = (tmp_path / "micro" / "policy").iterdir()
+    policies = (run / "policy").iterdir()
     assert sorted(p.name for p in policies if not p.name.endswith("-train")) == [
         *(f".{kind}.lock" for kind in ("blind", "multistep", "onestep", "shortcut")),
         "blind",
@@ -94,7 +93,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     ]
     headline = out[out.rindex("| mode |") :].splitlines()
     assert len(headline) == 3 + len(modes)  # the table (and its sampling floor) ends the output
-    episodes = tmp_path / "micro" / "episodes" / "shard-00000.tar"
+    episodes = run / "episodes" / "shard-00000.tar"
     before = episodes.stat().st_mtime_ns, report.stat().st_mtime_ns
     assert main(args) == 0
     out = capsys.readouterr().out
