@@ -21,6 +21,7 @@ one-step features and the foreseen semantic (DINOv2) and geometric (Depth Anythi
 
 NORMALIZATION_MODES = ("min_max", "mean_std")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+HEAD_TYPES = ("ddpm", "flow")
 
 
 POLICY_KINDS = ("onestep", "shortcut", "multistep", "blind")
@@ -247,7 +248,14 @@ class ActionHeadConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
 
-    # Noise schedule: DDPM for training, DDIM for sampling, both built from these keys.
+    type: str = "ddpm"
+    """How the head learns and samples chunks: `ddpm` (DDPM noise in training, DDIM steps at
+    inference, the keys below) or `flow` (flow matching, as pi0 and LingBot-VA: a velocity on the
+    straight path from noise to the chunk, `num_inference_steps` Euler steps of 1/K)."""
+
+    # Noise schedule: DDPM for training, DDIM for sampling, both built from these keys. A flow
+    # head reads num_train_timesteps (the scale of its time embedding), clip_sample(_range) (the
+    # final chunk) and num_inference_steps.
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     beta_start: float = 1e-4
@@ -260,6 +268,11 @@ class ActionHeadConfig:
     diffusion noise schedules and sample steps are flawed"). With 100 training steps and 10 DDIM
     steps, `leading` would start at t=90, where sqrt(alpha_bar) is 0.14 rather than 0.0005."""
     num_inference_steps: int = 10
+    flow_time_alpha: float = 1.5
+    flow_time_min: float = 0.001
+    """A flow head trains at times t = flow_time_min + (1 - flow_time_min) * u, u ~ Beta(alpha, 1)
+    (t = 1 is pure noise): pi0's distribution (Black et al. 2024, alpha 1.5, s = 0.999), which
+    puts more weight on the noisy end, where a few Euler steps start."""
 
     def scheduler_kwargs(self) -> dict:
         """Keys shared by the DDPM (training) and DDIM (sampling) schedulers."""
@@ -305,7 +318,11 @@ class ActionHeadConfig:
                 f"{where}: prediction_type '{self.prediction_type}' is not one of "
                 f"{', '.join(PREDICTION_TYPES)}"
             )
-        if self.num_inference_steps > self.num_train_timesteps:
+        if self.type not in HEAD_TYPES:
+            raise ValueError(f"{where}: type '{self.type}' is not one of {', '.join(HEAD_TYPES)}")
+        if self.flow_time_alpha <= 0 or not 0 <= self.flow_time_min < 1:
+            raise ValueError(f"{where}: need flow_time_alpha > 0 and 0 <= flow_time_min < 1")
+        if self.type == "ddpm" and self.num_inference_steps > self.num_train_timesteps:
             raise ValueError(
                 f"{where}: num_inference_steps={self.num_inference_steps} exceeds "
                 f"num_train_timesteps={self.num_train_timesteps}"

@@ -33,6 +33,13 @@ chunk itself is well conditioned at every noise level, and the loss is on the sc
 actions. 3D Diffusion Policy (Ze et al. 2024) samples 10 DDIM steps from a sample-predicting model
 for this reason; Diffusion Policy (Chi et al. 2023) predicts epsilon with 100 training steps.
 `epsilon` and `v_prediction` remain available.
+
+Flow matching (`type: flow`), as pi0 (Black et al. 2024) and LingBot-VA train their action
+experts: the same network predicts the velocity noise - chunk on the straight path
+x_t = t * noise + (1 - t) * chunk, trained at pi0's times (Beta(1.5, 1), heavier at the noisy end),
+and sampled by K Euler steps of 1/K from t = 1 (diffusers' FlowMatchEulerDiscreteScheduler with
+uniform sigmas); K = 1 is a single step. The time embedding reads t * num_train_timesteps, the
+scale the DDPM head's integer timesteps have.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -95,7 +102,8 @@ def check_generators(generator: Generators, batch: int) -> None:
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer sinusoids (B, dim) of integer diffusion timesteps (B,)."""
+    """Transformer sinusoids (B, dim) of diffusion timesteps (B,): integers for DDPM, flow times
+    scaled to the same range for flow matching."""
     half = dim // 2
     frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
     angles = timesteps.float()[:, None] * frequencies[None]
@@ -138,7 +146,8 @@ class DenoiserBlock(nn.Module):
 
 
 class DiffusionActionHead(SvamModel):
-    """Denoiser of normalised action chunks (B, horizon, action_dim), with its noise schedulers."""
+    """Denoiser of normalised action chunks (B, horizon, action_dim), with its noise schedulers
+    (DDPM/DDIM, or flow matching's Euler sampler: `config.type`)."""
 
     config_class = ActionHeadConfig
     rebuild = "re-run `svam train-policy`"
@@ -180,8 +189,13 @@ class DiffusionActionHead(SvamModel):
             nn.init.zeros_(layer.bias)
 
         with torch.device("cpu"):  # the schedulers' tables, also when built on `meta`
-            self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
-            self.sample_scheduler = DDIMScheduler(**config.scheduler_kwargs())
+            if config.type == "flow":
+                self.sample_scheduler = FlowMatchEulerDiscreteScheduler(
+                    num_train_timesteps=config.num_train_timesteps
+                )
+            else:
+                self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
+                self.sample_scheduler = DDIMScheduler(**config.scheduler_kwargs())
 
     # ------------------------------------------------------------------------------- network
 
@@ -230,8 +244,9 @@ class DiffusionActionHead(SvamModel):
         cond: ActionCondition,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Denoising loss (MSE against the prediction target) on normalised chunks (B, K, A),
-        with timesteps drawn uniformly and Gaussian noise, both from `generator`."""
+        """Training loss on normalised chunks (B, K, A), all draws from `generator`: DDPM's MSE
+        against the prediction target at uniform timesteps, or flow matching's MSE against the
+        velocity at pi0's times."""
         config = self.config
         expected = (config.horizon, config.action_dim)
         if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
@@ -243,6 +258,11 @@ class DiffusionActionHead(SvamModel):
         noise = randn_tensor(
             actions.shape, generator=generator, device=actions.device, dtype=actions.dtype
         )
+        if config.type == "flow":
+            t = self.flow_times(batch, generator).to(actions.device, actions.dtype)
+            noisy = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+            velocity = self(noisy, t * config.num_train_timesteps, cond)
+            return F.mse_loss(velocity, noise - actions)
         timesteps = torch.randint(
             config.num_train_timesteps,
             (batch,),
@@ -259,6 +279,23 @@ class DiffusionActionHead(SvamModel):
             target = self.noise_scheduler.get_velocity(actions, noise, timesteps)
         return F.mse_loss(prediction, target)
 
+    def flow_times(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        """pi0's training times: t_min + (1 - t_min) * u with u ~ Beta(alpha, 1), drawn by its
+        inverse CDF u = U ** (1 / alpha) so that `generator` alone decides them."""
+        config = self.config
+        device = generator.device if generator is not None else self.action_position.device
+        uniform = torch.rand(batch, generator=generator, device=device)
+        u = uniform ** (1 / config.flow_time_alpha)
+        return config.flow_time_min + (1 - config.flow_time_min) * u
+
+    def set_sampling_steps(self, steps: int, device: torch.device) -> None:
+        """Set the sampler's schedule: DDIM's, or K uniform Euler steps from t = 1 to 0."""
+        if self.config.type == "flow":
+            sigmas = torch.linspace(1, 0, steps + 1)[:-1].tolist()
+            self.sample_scheduler.set_timesteps(sigmas=sigmas, device=device)
+        else:
+            self.sample_scheduler.set_timesteps(steps, device=device)
+
     @torch.no_grad()
     def sample(
         self,
@@ -266,9 +303,10 @@ class DiffusionActionHead(SvamModel):
         generator: Generators = None,
         num_inference_steps: int | None = None,
     ) -> torch.Tensor:
-        """Normalised action chunks (B, horizon, action_dim) by DDIM (eta 0) from Gaussian noise
-        drawn with `generator`, or with one generator per row (a list of B): the same generator
-        state gives the same chunks, and with a list a row's chunk does not depend on its batch."""
+        """Normalised action chunks (B, horizon, action_dim) by DDIM (eta 0) or Euler flow steps
+        from Gaussian noise drawn with `generator`, or with one generator per row (a list of B):
+        the same generator state gives the same chunks, and with a list a row's chunk does not
+        depend on its batch."""
         config = self.config
         steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
         batch = cond.tokens.shape[0]
@@ -276,7 +314,7 @@ class DiffusionActionHead(SvamModel):
         encoded = self.encode(cond)
         device, dtype = cond.tokens.device, self.action_position.dtype
         scheduler = self.sample_scheduler
-        scheduler.set_timesteps(steps, device=device)
+        self.set_sampling_steps(steps, device)
         x = randn_tensor(
             (batch, config.horizon, config.action_dim),
             generator=generator,
@@ -286,6 +324,8 @@ class DiffusionActionHead(SvamModel):
         for t in scheduler.timesteps:
             output = self.denoise(x, t.expand(batch), encoded)
             x = scheduler.step(output, t, x).prev_sample
+        if config.type == "flow" and config.clip_sample:  # DDIM clips its estimate every step
+            x = x.clamp(-config.clip_sample_range, config.clip_sample_range)
         return x
 
     def _check_condition(self, cond: ActionCondition) -> None:

@@ -5,6 +5,7 @@ FLOP counting."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -34,6 +35,7 @@ from svam.policy import (
     foresight_streams,
     published_policy_models,
 )
+from svam.policy.configuration_policy import HEAD_TYPES
 from svam.serialization import WEIGHTS_NAME
 
 ONE_STEP_GFLOPS = 2749
@@ -383,12 +385,12 @@ TOY_HEAD = ActionHeadConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def trained_toy_head():
+@functools.cache
+def train_toy_head(head_type: str):
     """400 steps of AdamW on the toy task (~2 s on one core)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    head = DiffusionActionHead(TOY_HEAD).train()
+    head = DiffusionActionHead(dataclasses.replace(TOY_HEAD, type=head_type)).train()
     task, steps = ToyTask(seed=0), 400
     optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
@@ -404,13 +406,26 @@ def trained_toy_head():
     return head.eval(), task, losses
 
 
-def test_head_learns_a_conditional_bimodal_action_distribution(trained_toy_head):
-    head, task, losses = trained_toy_head
-    assert np.mean(losses[-50:]) < 0.35 * np.mean(losses[:20]), (losses[:20], losses[-50:])
+@pytest.fixture(scope="module", params=HEAD_TYPES)
+def trained_toy_head(request):
+    return train_toy_head(request.param)
+
+
+def toy_samples(head, steps=None):
+    """Samples for 2 groups x 3 choices x 16 seeds, and their RMS distance to each target (the
+    conditions from a fresh task: the same whatever ran before)."""
     group = torch.arange(2).repeat_interleave(48)
     choice = torch.arange(3).repeat_interleave(16).repeat(2)
-    samples = head.sample(task.condition(group, choice), generator=torch.Generator().manual_seed(1))
-    rms = ((samples[:, None] - TARGETS[None]) ** 2).mean((2, 3)).sqrt()  # (96, 4)
+    cond = ToyTask(seed=0).condition(group, choice)
+    samples = head.sample(cond, torch.Generator().manual_seed(1), num_inference_steps=steps)
+    return samples, ((samples[:, None] - TARGETS[None]) ** 2).mean((2, 3)).sqrt()  # (96, 4)
+
+
+def test_head_learns_a_conditional_bimodal_action_distribution(trained_toy_head):
+    """Both heads, at their 10 steps (DDIM, or Euler for flow matching)."""
+    head, task, losses = trained_toy_head
+    assert np.mean(losses[-50:]) < 0.35 * np.mean(losses[:20]), (losses[:20], losses[-50:])
+    samples, rms = toy_samples(head)
     nearest, error = rms.argmin(1).view(2, 3, 16), rms.min(1).values.view(2, 3, 16)
     for g in range(2):
         # One target: every sample on it (targets are >= 0.78 apart; ~0.05 over 8 seeds tried).
@@ -423,6 +438,22 @@ def test_head_learns_a_conditional_bimodal_action_distribution(trained_toy_head)
         either = nearest[g, 2][close]
         assert ((either == 2 * g) | (either == 2 * g + 1)).all(), either
         assert (either == 2 * g).sum() >= 4 and (either == 2 * g + 1).sum() >= 4, either
+
+
+def test_flow_head_in_one_euler_step_lands_on_the_chunk_or_on_the_mean_of_two():
+    """K = 1 works: one step from pure noise gives E[chunk | condition], so a condition with one
+    chunk gets it, and 'either of two' gets their mean (flow matching's known one-step limit)."""
+    head, _, _ = train_toy_head("flow")
+    samples, rms = toy_samples(head, steps=1)
+    error = rms.min(1).values.view(2, 3, 16)
+    nearest = rms.argmin(1).view(2, 3, 16)
+    for g in range(2):  # measured: median 0.08, max 0.24 (targets are >= 0.78 apart)
+        assert (nearest[g, 0] == 2 * g).all() and (nearest[g, 1] == 2 * g + 1).all()
+        assert error[g, :2].median() < 0.12 and error[g, :2].max() < 0.3, error[g, :2]
+        mean = (TARGETS[2 * g] + TARGETS[2 * g + 1]) / 2
+        either = samples.view(2, 3, 16, 4, 2)[g, 2]
+        to_mean = ((either - mean) ** 2).mean((1, 2)).sqrt()  # measured: median 0.12, max 0.28
+        assert (to_mean < error[g, 2]).all() and to_mean.median() < 0.2, (to_mean, error[g, 2])
 
 
 def test_sampling_is_deterministic_and_survives_save_load(trained_toy_head, tmp_path):
@@ -439,7 +470,7 @@ def test_sampling_is_deterministic_and_survives_save_load(trained_toy_head, tmp_
 
     path = head.save_pretrained(tmp_path / "head")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", WEIGHTS_NAME]
-    assert json.loads((path / "config.json").read_text())["prediction_type"] == "sample"
+    assert json.loads((path / "config.json").read_text())["type"] == head.config.type
     loaded = DiffusionActionHead.from_pretrained(path, expect={"action_dim": 2, "horizon": 4})
     assert loaded.config == head.config
     assert torch.equal(sample(loaded.eval(), 7), first)
