@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from svam.eval.timing import TIMINGS
 from svam.policy.configuration_policy import parse_mode
 
 
@@ -32,6 +33,18 @@ class EvalConfig:
     """Environment steps per episode; None: collect.max_steps."""
     execute_actions: int = 4
     """Receding horizon: actions of each predicted chunk executed before predicting again."""
+    timing: str = "wait"
+    """What the world does while the policy thinks (`svam.eval.timing`): wait (it stops: the
+    classic protocol), sync (it goes on; the robot holds its last command, then executes the new
+    chunk) or async (pipelined: the next chunk is computed while the current one executes, its
+    stale first actions skipped). Each mode's inference spans its latency profile's ms over the
+    12.5 ms control period, rounded up, in simulator steps."""
+    latency_ms: dict[str, float] | None = None
+    """The latency profile for sync/async, ms per mode (e.g. what your GPU measures); None: each
+    mode's latency measured in this run, or the published-size FLOPs over device_tflops."""
+    device_tflops: float | None = None
+    """With latency_ms unset: latency = each mode's FLOPs at the published size / this many
+    TFLOP/s (a device's sustained throughput), instead of the latency measured here."""
     videos_per_task: int = 1
     """Rollouts per task and mode saved as GIF (the first episodes)."""
     workers: int = 1
@@ -82,5 +95,12 @@ class EvalConfig:
         for key in ("videos_per_task", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.{key}={getattr(self, key)} must be at least 0")
+        if self.timing not in TIMINGS:
+            raise ValueError(f"eval.timing='{self.timing}': one of {', '.join(TIMINGS)}")
+        for mode, ms in (self.latency_ms or {}).items():
+            if not ms >= 0:
+                raise ValueError(f"eval.latency_ms.{mode}={ms} must be a number of ms >= 0")
+        if self.device_tflops is not None and not self.device_tflops > 0:
+            raise ValueError(f"eval.device_tflops={self.device_tflops} must be positive")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"eval.device='{self.device}': one of auto, cpu, cuda")

@@ -39,6 +39,7 @@ import numpy as np
 
 from svam.atomic import write_json_atomic
 from svam.config import Config
+from svam.eval.timing import CONTROL_PERIOD_S
 from svam.hashing import file_digest, json_digest
 from svam.locking import output_lock
 from svam.policy.configuration_policy import ForesightMode, parse_mode
@@ -242,9 +243,44 @@ class Evaluation:
     def mode_dir(self, target: Target) -> Path:
         return self.root / mode_dirname(target.mode)
 
-    def rollouts_key(self, target: Target) -> str:
+    def rollouts_key(self, target: Target, profile: dict | None) -> str:
+        timed = [] if profile is None else [self.args.timing, profile[target.mode]["delay_steps"]]
         return json_digest(
-            [self.policy_keys[target.mode], self.settings, self.args.videos_per_task]
+            [self.policy_keys[target.mode], self.settings, self.args.videos_per_task, *timed]
+        )
+
+    def timing_profile(self, latency: dict | None, published: dict | None) -> dict | None:
+        """Under sync/async timing, each mode's {"ms", "source", "delay_steps"} from the latency
+        profile (`svam.eval.timing`): eval.latency_ms, the published-size FLOPs over
+        eval.device_tflops, or the latency record of this run; None under wait."""
+        from svam.eval.timing import delay_steps, latency_profile
+
+        if self.args.timing == "wait":
+            return None
+        measured = {m: v["median"] for m, v in (latency or {}).get("latency", {}).items()}
+        totals = {m: (v or {}).get("total") for m, v in (published or {}).items()}
+        try:
+            profile = latency_profile(
+                [t.mode for t in self.ok],
+                measured,
+                self.args.latency_ms,
+                self.args.device_tflops,
+                totals,
+            )
+        except ValueError as exc:
+            raise EvalError(str(exc)) from exc
+        for entry in profile.values():
+            entry["delay_steps"] = delay_steps(entry["ms"])
+        return profile
+
+    def stored_profile(self) -> dict | None:
+        """`timing_profile` from the stored latency and published-FLOP records."""
+        if self.args.timing == "wait":
+            return None
+        published = _read(self.root / "flops_published.json", self.published_key())
+        return self.timing_profile(
+            _read(self.root / "latency.json", self.latency_key()),
+            published["modes"] if published else None,
         )
 
     def fidelity_key(self, target: Target) -> str:
@@ -293,7 +329,7 @@ class Evaluation:
             [
                 self.policy_keys,
                 self.settings,
-                [self.rollouts_key(t) for t in self.ok] if self.args.rollouts else None,
+                self._rollouts_keys() if self.args.rollouts else None,
                 [self.fidelity_key(t) for t in self.ok],
                 self.published_key(),
                 self.latency_key(),
@@ -314,14 +350,20 @@ class Evaluation:
             device=self.device,
         )
 
-    def run_rollouts(self) -> dict[str, dict]:
+    def _rollouts_keys(self) -> list[str]:
+        profile = self.stored_profile()
+        return [self.rollouts_key(t, profile) for t in self.ok]
+
+    def run_rollouts(self, profile: dict | None) -> dict[str, dict]:
+        """Every mode's closed-loop episodes under eval.timing (`profile`: `timing_profile`)."""
         from tqdm.auto import tqdm
 
         from svam.eval.metaworld import Episode, rollouts
 
         done, todo = {}, []
         for target in self.ok:
-            stored = _read(self.mode_dir(target) / "rollouts.json", self.rollouts_key(target))
+            key = self.rollouts_key(target, profile)
+            stored = _read(self.mode_dir(target) / "rollouts.json", key)
             if stored is not None:
                 done[target.mode] = stored
             else:
@@ -345,9 +387,13 @@ class Evaluation:
             "threads": self.args.threads,
             "run_seed": self.config.run.seed,
         }
+        settings = dict(self.settings)
+        if profile is not None:
+            settings["timing"] = self.args.timing
+            settings["delays"] = {mode: entry["delay_steps"] for mode, entry in profile.items()}
         stream = rollouts(
             episodes,
-            self.settings,
+            settings,
             self.args.workers,
             batch_size=self.args.batch_size,
             **options,
@@ -357,10 +403,11 @@ class Evaluation:
             outcomes[mode].append(outcome)
             if len(outcomes[mode]) == per_mode:  # a mode is complete: store it now
                 target = next(t for t in todo if t.mode == mode)
-                done[mode] = self._store_rollouts(target, outcomes.pop(mode))
+                key = self.rollouts_key(target, profile)
+                done[mode] = self._store_rollouts(target, outcomes.pop(mode), key)
         return done
 
-    def _store_rollouts(self, target: Target, outcomes: list) -> dict:
+    def _store_rollouts(self, target: Target, outcomes: list, key: str) -> dict:
         import imageio.v2 as imageio
 
         videos_dir = self.mode_dir(target) / "videos"
@@ -388,7 +435,7 @@ class Evaluation:
         episodes = sum(t["episodes"] for t in tasks.values())
         successes = sum(t["successes"] for t in tasks.values())
         stored = {
-            "key": self.rollouts_key(target),
+            "key": key,
             "mode": target.mode,
             "episodes": episodes,
             "successes": successes,
@@ -601,7 +648,7 @@ class Evaluation:
         full = " (the cache's full schedule)" if schedule == full_steps else ""
         return f"the teacher generates with {schedule} steps{full}; DINOv2 / DA3 read the frames"
 
-    def report(self, rollouts: dict, measured: dict) -> dict:
+    def report(self, rollouts: dict, measured: dict, profile: dict | None) -> dict:
         full_steps = self.record.get("feature_steps")
         latency, flops = measured["latency"], measured["flops"]
         peak = latency["matmul_peak"]["flops_per_s"] if latency else None
@@ -635,6 +682,7 @@ class Evaluation:
                 "success": {k: success[k] for k in ("episodes", "successes", "rate", "tasks")}
                 if success
                 else None,
+                "timing": {"timing": self.args.timing, **(profile or {}).get(mode, {})},
                 "videos": success["videos"] if success else [],
             }
         machine = {
@@ -658,6 +706,8 @@ class Evaluation:
                 "batch_size": self.args.batch_size,
                 "split": "test",
                 "cache": str(self.cache) if self.cache else None,
+                "timing": self.args.timing,
+                "control_period_ms": CONTROL_PERIOD_S * 1000,
             },
             "sampling_floor": measured["floor"],
             "modes": modes,
@@ -734,12 +784,13 @@ def evaluate(config: Config, out_dir: str | Path | None = None) -> Path:
         run.save_config(config, "eval")
         evaluation.root.mkdir(parents=True, exist_ok=True)
         evaluation.check_cache()
-        rollouts = evaluation.run_rollouts() if config.eval.rollouts else {}
-        with fixed_threads(config.eval.threads):
+        with fixed_threads(config.eval.threads):  # first: sync/async timing needs the latency
             policies = {t.mode: evaluation.load(t) for t in evaluation.ok}
             measured = evaluation.measure(policies)
         del policies
-        report = evaluation.report(rollouts, measured)
+        profile = evaluation.timing_profile(measured["latency"], measured["published"])
+        rollouts = evaluation.run_rollouts(profile) if config.eval.rollouts else {}
+        report = evaluation.report(rollouts, measured, profile)
         tensorboard = run.tb / "eval" if config.eval.tensorboard else None
         path = write_report(report, evaluation.root, tensorboard)
         print(f"eval: report -> {path}")

@@ -2,8 +2,10 @@
 
 Control is receding horizon: at each control step the policy maps the rendered frame, the
 instruction and the proprioception to a chunk, and the first `execute_actions` actions are
-executed, one per environment step from `ShortcutPolicy.select_action`'s queue. An episode
-succeeds when Meta-World reports success at any step within `max_steps`.
+executed, one per environment step. Under `eval.timing` other than `wait` the world keeps moving
+while the policy thinks (`svam.eval.timing.TimedControl`). An episode succeeds when Meta-World
+reports success at any step within `max_steps` (simulator steps of 12.5 ms: a budget in simulated
+time, whatever the policy's latency).
 
 Episodes of one mode run `batch_size` at a time in lockstep, one environment each: every control
 step makes one batched policy call for all the live episodes (frames are rendered only then), and
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from svam.eval.timing import TimedControl
 
 
 @dataclass(frozen=True)
@@ -158,28 +162,31 @@ def _observation(running: list[_Running]) -> dict[str, Any]:
 def run_batch(
     policy, episodes: list[Episode], settings: dict, run_seed: int, envs: EnvPool | None = None
 ) -> list[Outcome]:
-    """Outcomes (in finishing order) of `episodes` of one loaded policy, run in lockstep, on
-    environments from `envs` (given back to it after their episode; None: a pool of this call's).
-    Sets the policy's `execute_actions` to the settings'."""
+    """Outcomes (in finishing order) of `episodes` of one loaded policy (all of one mode), run in
+    lockstep, on environments from `envs` (given back to it after their episode; None: a pool of
+    this call's), under the settings' `timing` with the mode's `delays` entry in simulator steps
+    (`svam.eval.timing`; default: wait)."""
     if envs is None:
         with EnvPool(settings["camera"], settings["image_size"]) as envs:
             return run_batch(policy, episodes, settings, run_seed, envs)
-    policy.execute_actions = settings["execute_actions"]
+    delay = settings.get("delays", {}).get(episodes[0].mode, 0)
+    timing = settings.get("timing", "wait")
+    control = TimedControl(policy, timing, delay, settings["execute_actions"])
     policy.reset()
     running, outcomes = [], []
     try:
         for episode in episodes:
             running.append(_Running(episode, run_seed, envs))
         while running:
-            observation = _observation(running) if policy.needs_observation else None
-            actions = policy.select_action(observation).cpu().numpy()
+            observation = _observation(running) if control.needs_observation else None
+            actions = control.select_action(observation).cpu().numpy()
             going_on = []
             for row, (episode, action) in enumerate(zip(running, actions, strict=True)):
                 if episode.step(action, settings["max_steps"]):
                     outcomes.append(episode.finish(envs))
                 else:
                     going_on.append(row)
-            policy.keep_rows(going_on)
+            control.keep_rows(going_on)
             running = [running[row] for row in going_on]
     finally:
         for episode in running:  # interrupted: those environments are in an unknown state

@@ -526,7 +526,33 @@ def _setup_paragraph(report: dict) -> str:
         f"{settings['execute_actions']} actions of each chunk. Latency is over "
         f"{settings['latency_steps']} control steps at batch 1, foresight and action fidelity over "
         f"{settings['fidelity_clips']} {settings['split']} clips; the teacher's full schedule has "
-        f"{settings['feature_steps']} steps."
+        f"{settings['feature_steps']} steps.{_timing_sentence(report)}"
+    )
+
+
+TIMING_WORDS = {
+    "sync": "the world moves on while the policy thinks and the robot holds its last command",
+    "async": "the world moves on while the policy thinks, the next chunk computed while the "
+    "current one executes and its stale first actions skipped",
+}
+
+
+def _timing_sentence(report: dict) -> str:
+    """How success was measured in time: nothing under wait (the world waits for the policy)."""
+    timing = report["settings"].get("timing", "wait")
+    if timing == "wait":
+        return " The world waits while the policy thinks (eval.timing=wait)."
+    delays, source = [], None
+    for name, mode in _ok_modes(report).items():
+        entry = mode.get("timing") or {}
+        if "delay_steps" in entry:
+            delays.append(f"`{name}` {_ms(entry['ms'])} ms = {entry['delay_steps']}")
+            source = entry["source"]
+    period = report["settings"]["control_period_ms"]
+    return (
+        f" Success is under `{timing}` timing: {TIMING_WORDS[timing]}; a control step spans its "
+        f"latency ({source}) over the {period:g} ms control period, rounded up, in simulator "
+        f"steps: {', '.join(delays)}."
     )
 
 
