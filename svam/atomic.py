@@ -26,12 +26,27 @@ class WriteFailedError(OSError):
     """A write failed; what it had written is gone. The message names the path."""
 
     def __init__(self, target: Path, cause: BaseException):
-        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
+        reason = getattr(cause, "strerror", None)
+        if not reason:  # torch's and safetensors' messages: name the writer, keep their text
+            writer = "safetensors" if isinstance(cause, SafetensorError) else "torch.save"
+            reason = f"{writer} failed ({str(cause).strip().splitlines()[0]})"
         super().__init__(
-            f"could not write {target}: {reason}; nothing partial was left behind: free space "
-            "(or fix the cause) and re-run, it resumes from what was complete"
+            f"could not write {target}: {reason}{_free_space(Path(target))}; nothing partial was "
+            "left behind: free space (or fix the cause) and re-run, it resumes from what was "
+            "complete"
         )
         self.target = Path(target)
+
+
+def _free_space(path: Path) -> str:
+    """', N MiB free on its filesystem', for the nearest existing parent of `path`."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            try:
+                return f", {shutil.disk_usage(parent).free / 2**20:.1f} MiB free there"
+            except OSError:
+                return ""
+    return ""
 
 
 def is_write_failure(exc: BaseException) -> bool:

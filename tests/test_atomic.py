@@ -14,7 +14,10 @@ from svam.atomic import WriteFailedError, removing_on_failure, write_json_atomic
     "failure, reason",
     [
         (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
-        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"), "[enforce"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"),
+            "torch.save failed ([enforce fail",
+        ),
     ],
 )
 def test_a_failed_write_removes_its_partial_and_names_the_target(tmp_path, failure, reason):
@@ -25,6 +28,7 @@ def test_a_failed_write_removes_its_partial_and_names_the_target(tmp_path, failu
             (partial / "half.bin").write_bytes(b"x")
             raise failure
     assert str(failed.value).startswith(f"could not write {target}: {reason}")
+    assert " MiB free there; nothing partial was left behind" in str(failed.value)
     assert failed.value.__cause__ is failure and list(tmp_path.iterdir()) == []
 
 

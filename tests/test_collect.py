@@ -84,6 +84,6 @@ def test_a_failed_write_leaves_nothing_partial_and_names_the_path(tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     shard = tmp_path / "test" / "episodes.partial" / "shard-00000.tar"
-    assert last.startswith(f"svam collect: error: could not write {shard}: File too large;")
+    assert last.startswith(f"svam collect: error: could not write {shard}: File too large, ")
     assert not (tmp_path / "test" / "episodes").exists()
     assert not (tmp_path / "test" / "episodes.partial").exists()
