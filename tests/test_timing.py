@@ -181,7 +181,10 @@ def test_eval_under_async_timing_reports_each_modes_delay(micro_demo, tmp_path):
             "source": "eval.latency_ms",
             "delay_steps": delay_steps(20.0 * (i + 1)),
         }
-    assert "Success is under `async` timing" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Success is under `async` timing" in text
+    assert "Action head: ddpm head, 3 DDIM steps (DDPM-trained)." in text  # the report names it
+    assert report["modes"][modes[0]]["action_head"] == {"type": "ddpm", "steps": 3}
     assert is_evaluated(config)
     config.eval.latency_ms = {mode: 1.0 for mode in modes[:-1]}
     with pytest.raises(EvalError, match=f"no entry for mode '{modes[-1]}'"):

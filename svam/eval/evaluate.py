@@ -664,6 +664,8 @@ class Evaluation:
                 modes[target.mode] = {"status": "missing", "reason": reason, **entry}
                 continue
             mode = target.mode
+            head = json.loads((target.policy / "config.json").read_text())["models"]["action_head"]
+            entry["action_head"] = {"type": head["type"], "steps": head["num_inference_steps"]}
             timing = latency["latency"][mode] if latency else None
             count = flops.get(mode)
             achieved = count["total"] / (timing["median"] / 1000) if count and timing else None

@@ -526,8 +526,26 @@ def _setup_paragraph(report: dict) -> str:
         f"{settings['execute_actions']} actions of each chunk. Latency is over "
         f"{settings['latency_steps']} control steps at batch 1, foresight and action fidelity over "
         f"{settings['fidelity_clips']} {settings['split']} clips; the teacher's full schedule has "
-        f"{settings['feature_steps']} steps.{_timing_sentence(report)}"
+        f"{settings['feature_steps']} steps.{_heads_sentence(report)}{_timing_sentence(report)}"
     )
+
+
+HEAD_WORDS = {"ddpm": "DDIM steps (DDPM-trained)", "flow": "Euler steps (flow matching)"}
+
+
+def _heads_sentence(report: dict) -> str:
+    """Which action head each mode's policy samples with, e.g. 'a flow head, 2 Euler steps'."""
+    heads = {
+        (mode["action_head"]["type"], mode["action_head"]["steps"])
+        for mode in _ok_modes(report).values()
+        if mode.get("action_head")
+    }
+    if not heads:
+        return ""
+    described = "; ".join(
+        f"{kind} head, {steps} {HEAD_WORDS[kind]}" for kind, steps in sorted(heads)
+    )
+    return f" Action head: {described}."
 
 
 TIMING_WORDS = {
