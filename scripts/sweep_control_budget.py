@@ -37,7 +37,6 @@ def point(args, run: Path, tflops: float | None) -> dict:
         f"run.root={run.parent}",
         f"run.name={run.name}",
         f"eval.output_dir={out}",
-        "eval.videos_per_task=0",
         "eval.tensorboard=false",
         f"eval.timing={'wait' if tflops is None else 'async'}",
         *args.overrides,
