@@ -522,7 +522,8 @@ def _setup_paragraph(report: dict) -> str:
         f"float32 matmul peaks at {machine['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (machine "
         f"`{machine['fingerprint']}`, config `{report['config_fingerprint']}`). Each mode is evaluated on "
         f"the same {len(tasks) * len(seeds)} episodes: {len(tasks)} tasks ({', '.join(tasks)}) x "
-        f"seeds {seed_range}, at most {settings['max_steps']} steps, executing the first "
+        f"seeds {seed_range}, at most {settings['max_steps']} simulator steps"
+        f"{_simulated_seconds(settings)}, executing the first "
         f"{settings['execute_actions']} actions of each chunk. Latency is over "
         f"{settings['latency_steps']} control steps at batch 1, foresight and action fidelity over "
         f"{settings['fidelity_clips']} {settings['split']} clips; the teacher's full schedule has "
@@ -546,6 +547,11 @@ def _heads_sentence(report: dict) -> str:
         f"{kind} head, {steps} {HEAD_WORDS[kind]}" for kind, steps in sorted(heads)
     )
     return f" Action head: {described}."
+
+
+def _simulated_seconds(settings: dict) -> str:
+    period = settings.get("control_period_ms")
+    return f" ({settings['max_steps'] * period / 1000:g} s simulated)" if period else ""
 
 
 TIMING_WORDS = {
