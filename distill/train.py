@@ -47,7 +47,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-from svam.atomic import removing_on_failure, replace_dir
+from svam.atomic import atomic_dir, atomic_file
 from svam.config import Config, to_dict
 from svam.data.episodes import SPLITS
 from svam.data.teacher_cache import (
@@ -261,11 +261,8 @@ class DecouplerPair(nn.Module):
 
 
 def _save_atomic(model: Decoupler, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with removing_on_failure(path, tmp):
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
-        replace_dir(tmp, path)
 
 
 def _means(result: dict[str, list[float]]) -> dict[str, float]:
@@ -525,10 +522,8 @@ class Distiller(TrainingStage):
             fitted.update(depth, depth_note="; ".join(notes))
             if self.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                with removing_on_failure(path, tmp):
+                with atomic_file(path) as tmp:
                     torch.save(fitted, tmp)
-                    tmp.replace(path)
         configs = self.decouplers.branches()
         on_device = {k: v.to(self.device) for k, v in fitted.items() if isinstance(v, torch.Tensor)}
         self.probes = {

@@ -78,12 +78,33 @@ def removing_on_failure(target: str | Path, partial: str | Path | None = None) -
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield `<path>.tmp` to write: when the block ends it replaces `path`; if it raises, it is
+    removed (a failed write becomes a `WriteFailedError` naming `path`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with removing_on_failure(path, tmp):
-        tmp.write_text(text)
+        yield tmp
         tmp.replace(path)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """`atomic_file` for a directory: yield an empty `<path>.tmp/`, put in place of `path` by
+    `replace_dir` when the block ends, removed if it raises (single process)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with removing_on_failure(path, tmp):
+        yield tmp
+        replace_dir(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

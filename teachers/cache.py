@@ -28,7 +28,7 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from svam import __version__
-from svam.atomic import removing_on_failure, write_json_atomic
+from svam.atomic import atomic_file, write_json_atomic
 from svam.config import Config
 from svam.data.episodes import SPLITS, clip_starts, split_counts, split_episodes
 from svam.data.schema import EPISODES, TEACHER_CACHE, SchemaError
@@ -337,11 +337,9 @@ class TeacherCacheJob:
                 self.report_eta(progress)
         start = time.perf_counter()
         path = self.out_dir / job.name
-        tmp = path.with_name(path.name + ".tmp")
-        with removing_on_failure(path, tmp), tar_writer(tmp) as tar:
+        with atomic_file(path) as tmp, tar_writer(tmp) as tar:
             for key, arrays, meta in samples:
                 tar.write(TEACHER_CACHE.encode(key, arrays, meta))
-        tmp.replace(path)
         record = shard_record(path, [key for key, _, _ in samples])
         write_json_atomic(path.with_name(path.name + ".json"), {**record, "skipped": skipped})
         self.timing["write"] += time.perf_counter() - start

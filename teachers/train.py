@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
-from svam.atomic import removing_on_failure, replace_dir
+from svam.atomic import atomic_dir
 from svam.config import Config, to_dict
 from svam.hashing import file_digest, json_digest, state_digest
 from svam.locking import output_lock
@@ -247,13 +246,10 @@ class TeacherTrainer(TrainingStage):
             std = self._latent_std(stream)
             vae.register_to_config(scaling_factor=1.0 / std)
             if accelerator.is_main_process:
-                tmp = target.with_name("vae.tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                with removing_on_failure(target, tmp):
+                with atomic_dir(target) as tmp:
                     with quiet_libraries():
                         vae.save_pretrained(tmp)
                     (tmp / "warm_up.json").write_text(json.dumps(marker, indent=2) + "\n")
-                    replace_dir(tmp, target)
             accelerator.wait_for_everyone()
         teacher.config = dataclasses.replace(
             teacher.config, vae_scaling_factor=teacher.vae.config.scaling_factor

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from svam.atomic import removing_on_failure, write_text_atomic
+from svam.atomic import atomic_file, write_text_atomic
 from svam.eval.stats import paired_comparison
 
 DPI = 110
@@ -930,11 +929,9 @@ def _success_figure(report: dict):
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with removing_on_failure(path, tmp):
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
         _pyplot().close(fig)
-        os.replace(tmp, path)
 
 
 def plot(report: dict, out_dir: Path) -> list[Path]:
