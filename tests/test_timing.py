@@ -27,9 +27,6 @@ class CountingPolicy:
         chunk = 100 * c + torch.arange(self.horizon, dtype=torch.float32)
         return chunk[None, :, None].expand(self.rows, self.horizon, 1).clone()
 
-    def keep_rows(self, rows):
-        self.rows = len(rows)
-
 
 def run(timing, delay, horizon=8, execute=4, steps=24):
     policy = CountingPolicy(horizon)

@@ -39,7 +39,7 @@ import numpy as np
 
 from svam.atomic import write_json_atomic
 from svam.config import Config
-from svam.eval.timing import CONTROL_PERIOD_S
+from svam.eval.timing import CONTROL_PERIOD_S, delay_steps, latency_profile
 from svam.hashing import file_digest, json_digest
 from svam.locking import output_lock
 from svam.policy.configuration_policy import ForesightMode, parse_mode
@@ -253,8 +253,6 @@ class Evaluation:
         """Under sync/async timing, each mode's {"ms", "source", "delay_steps"} from the latency
         profile (`svam.eval.timing`): eval.latency_ms, the published-size FLOPs over
         eval.device_tflops, or the latency record of this run; None under wait."""
-        from svam.eval.timing import delay_steps, latency_profile
-
         if self.args.timing == "wait":
             return None
         measured = {m: v["median"] for m, v in (latency or {}).get("latency", {}).items()}

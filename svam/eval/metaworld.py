@@ -172,7 +172,6 @@ def run_batch(
     delay = settings.get("delays", {}).get(episodes[0].mode, 0)
     timing = settings.get("timing", "wait")
     control = TimedControl(policy, timing, delay, settings["execute_actions"])
-    policy.reset()
     running, outcomes = [], []
     try:
         for episode in episodes:

@@ -43,9 +43,9 @@ def delay_steps(latency_ms: float, control_period_s: float = CONTROL_PERIOD_S) -
 
 
 class TimedControl:
-    """Drives a policy (`predict_action_chunk` and `keep_rows`, as `ShortcutPolicy`) under a
-    timing, one simulator step per `select_action`, for a lockstep batch (every row shares the
-    schedule, so the policy still makes one batched call). `observation` is read only when
+    """Drives a policy (its `predict_action_chunk`, as `ShortcutPolicy`'s) under a timing, one
+    simulator step per `select_action`, for a lockstep batch (every row shares the schedule, so
+    the policy still makes one batched call). `observation` is read only when
     `needs_observation`. Counts the actions skipped as stale and the steps spent holding."""
 
     def __init__(self, policy: Any, timing: str, delay: int, execute_actions: int):
@@ -122,7 +122,6 @@ class TimedControl:
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Keep these rows only, in this order (the others' episodes ended)."""
         rows = list(rows)
-        self.policy.keep_rows(rows)
         if self.pending is not None:
             self.pending = (self.pending[0][rows], self.pending[1])
         if self.chunk is not None:
