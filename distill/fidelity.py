@@ -307,6 +307,10 @@ TOKEN_METRICS = (
     ("cosine", "cosine"),
 )
 DEPTH_METRICS = (("abs_rel", "AbsRel"), ("delta1", "delta<1.25"), ("skill", "skill"))
+NO_WORLD_DEPTH = (
+    "no depth against the world: the episodes hold no depth (a dataset imported without one, "
+    "`svam import lerobot`)"
+)
 DEPTH_TRUTHS = {
     "teacher": "Depth Anything 3's depth of the teacher's generated frames",
     "world": "the simulator's depth of the real future frames",

@@ -66,6 +66,7 @@ from svam.distill.fidelity import (
     BASELINES,
     DEPTH_SUBPATCH,
     METHODS,
+    NO_WORLD_DEPTH,
     DepthFidelity,
     DepthProbe,
     ForesightFidelity,
@@ -484,19 +485,27 @@ class Distiller(TrainingStage):
         encoder, note = None, "no depth against the teacher: the cache holds no generated frames"
         if self.cache.has("generated"):
             encoder, note = self._depth_encoder
+        notes = [] if encoder is not None else [note]
         grid, dim = self.decouplers.geometric.target_grid, self.decouplers.geometric.target_dim
-        ridges = {"world_depth": RidgeRegression(dim, DEPTH_SUBPATCH**2, self.device)}
-        arrays = ["geometric_ref", "depth"]
+        ridges, arrays = {}, []
+        if self.cache.has("depth"):
+            ridges["world_depth"] = RidgeRegression(dim, DEPTH_SUBPATCH**2, self.device)
+            arrays += ["geometric_ref", "depth"]
+        else:
+            notes.append(NO_WORLD_DEPTH)
         if encoder is not None:
             ridges["depth"] = RidgeRegression(dim, DEPTH_SUBPATCH**2, self.device)
             arrays += ["geometric", "generated"]
+        if not ridges:
+            return {}, notes
         loader = self._loader("train", arrays, shuffle=False, max_clips=self.args.depth_probe_clips)
         for batch in tqdm(
             loader, desc="distill: depth probes", disable=not self.is_main, leave=False
         ):
-            world = depth_patches(batch["depth"][:, :1].to(self.device), grid)
-            reference = batch["geometric_ref"].to(self.device).float()
-            ridges["world_depth"].update(reference.flatten(0, 1), world.flatten(0, 2))
+            if "world_depth" in ridges:
+                world = depth_patches(batch["depth"][:, :1].to(self.device), grid)
+                reference = batch["geometric_ref"].to(self.device).float()
+                ridges["world_depth"].update(reference.flatten(0, 1), world.flatten(0, 2))
             if encoder is not None:
                 teacher = depth_patches(encoder.depth(batch["generated"]), grid)
                 tokens = batch["geometric"].to(self.device).float()
@@ -505,7 +514,7 @@ class Distiller(TrainingStage):
         for name, ridge in ridges.items():
             self._reduce(ridge.statistics())
             fitted[f"{name}.weight"], fitted[f"{name}.bias"] = ridge.solve(self.args.probe_ridge)
-        return fitted, [] if encoder is not None else [note]
+        return fitted, notes
 
     def _baselines(self) -> None:
         """Fit (or load, when this config already fitted them) the linear probes, the target

@@ -252,6 +252,82 @@ def _shards_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_lerobot(args: argparse.Namespace) -> int:
+    from svam.lerobot_io import import_lerobot
+
+    import_lerobot(_config_from(args), args.path, args.out_dir)
+    return 0
+
+
+def _export_lerobot(args: argparse.Namespace) -> int:
+    from svam.lerobot_io import export_lerobot
+
+    export_lerobot(_config_from(args), args.source, args.out)
+    return 0
+
+
+def _add_lerobot_verbs(verbs) -> None:
+    """`svam import lerobot PATH` and `svam export lerobot RUN_OR_SHARDS OUT`."""
+    importer = verbs.add_parser(
+        "import",
+        help="import a dataset of another format as episode shards",
+        description="Bring your own data: datasets of other formats as svam episode shards.",
+    )
+    formats = importer.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    lerobot = formats.add_parser(
+        "lerobot",
+        help="a local LeRobot dataset (v2.0, v2.1 or v3.0)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Import a LeRobot dataset directory (nothing is fetched from a hub) into episode shards
+            that train-teacher and every later stage read. The layout is told by meta/info.json's
+            codebase_version: v2.x (one parquet and one mp4 per episode) or v3.0 (many episodes per
+            file). Frames come from lerobot.camera (default: the first camera in info.json's
+            features), decoded with PyAV by timestamp and resized to lerobot.image_size (default
+            collect.image_size); state from lerobot.state, actions from lerobot.action (their
+            dimensions are taken from the data by every later stage); the instruction from the
+            episode's task; lerobot.fps subsamples. Episodes decode in lerobot.workers processes,
+            a shard at a time, in bounded memory; an interrupted import re-run resumes and ends
+            byte-identical to an uninterrupted one. Imported episodes hold no depth: the stages
+            that use the simulator's depth say so and skip it.
+            Writes: runs/<name>/episodes/ (or --out)."""
+        ),
+    )
+    lerobot.add_argument(
+        "path", type=Path, help="LeRobot dataset directory (holding meta/info.json)"
+    )
+    lerobot.add_argument("--out", dest="out_dir", help="write the episode shards here instead")
+    _add_config_arguments(lerobot)
+    lerobot.set_defaults(handler=_import_lerobot)
+
+    exporter = verbs.add_parser(
+        "export",
+        help="export episode shards in another format",
+        description="svam episode shards in other formats.",
+    )
+    formats = exporter.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    lerobot = formats.add_parser(
+        "lerobot",
+        help="as a LeRobot v3.0 dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Write a run's episode shards (or any episode shard directory) as a LeRobot v3.0
+            dataset: parquet data (state, action, timestamps, indices), one AV1 mp4 per camera
+            file (lerobot's defaults: libsvtav1, yuv420p, keyframe every 2 frames, crf 30;
+            lerobot.video_* keys), meta/info.json, tasks, episodes with per-episode statistics
+            and stats.json, so lerobot and the tools around it read it. svam's task name, seed
+            and success ride along as svam/* episode columns, which an import reads back.
+            Depth is not exported. Built beside OUT and put in place when complete."""
+        ),
+    )
+    lerobot.add_argument("source", help="a run name, a run directory or an episode shard directory")
+    lerobot.add_argument("out", type=Path, help="the dataset directory to create")
+    _add_config_arguments(lerobot)
+    lerobot.set_defaults(handler=_export_lerobot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svam",
@@ -288,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(demo)
     demo.set_defaults(handler=_run_demo)
+    _add_lerobot_verbs(verbs)
     shards = verbs.add_parser(
         "shards", help="inspect or verify a shard set", description="Shard-set tools."
     )
@@ -315,7 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `svam shards inspect PATH | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a verb's positionals in one run, so `import lerobot PATH --out X key=value`
+    # leaves the overrides after the option unclaimed: they are still overrides.
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in a and not a.startswith("-") for a in extra)
+    ):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except (ValueError, OSError) as exc:

@@ -24,7 +24,8 @@ def episode_key(task: str, seed: int) -> str:
 
 
 def is_collected(config: Config) -> bool:
-    """Whether the run directory already holds a complete collection made with this config."""
+    """Whether the run directory already holds a complete collection made with this config, or
+    episodes imported from elsewhere (`svam import`), which take the collection's place."""
     from svam.data.schema import SchemaError
     from svam.data.shards import ShardSet
 
@@ -32,7 +33,8 @@ def is_collected(config: Config) -> bool:
         shard_set = ShardSet.open(RunDir.from_config(config).episodes, kind=EPISODES.kind)
     except SchemaError:
         return False
-    return shard_set.manifest.get("config_hash") == json_digest(config.collect)
+    manifest = shard_set.manifest
+    return "source" in manifest or manifest.get("config_hash") == json_digest(config.collect)
 
 
 def _rollout(job: tuple[str, int, CollectConfig]):

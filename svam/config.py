@@ -61,6 +61,35 @@ class CollectConfig:
 
 
 @dataclass
+class LeRobotConfig:
+    """`svam import lerobot` and `svam export lerobot`: LeRobot-format datasets (v2.x, v3.0)."""
+
+    camera: str | None = None
+    """Video or image feature the frames come from; null: the first camera in meta/info.json."""
+    state: str | None = "observation.state"
+    """Proprioception feature; null: none (the policy then runs without state)."""
+    action: str = "action"
+    fps: float | None = None
+    """Subsample to this frame rate (the dataset's must be a whole multiple of it); null: keep it."""
+    image_size: int | None = None
+    """Square frame side the frames are resized to; null: collect.image_size, the size every
+    later stage is configured for."""
+    episodes: list[int] | None = None
+    """Episode indices to import; null: all."""
+    workers: int = 2
+    """Processes decoding episodes in parallel (each writes whole shards)."""
+    episodes_per_shard: int = 8
+    video_codec: str = "libsvtav1"
+    """Export: lerobot's default encoder (AV1, yuv420p, keyframe every `video_gop` frames)."""
+    video_crf: int = 30
+    video_gop: int = 2
+    video_preset: int = 12
+    robot_type: str | None = None
+    """Export: info.json's robot_type; null: what the episodes' source recorded ("sawyer" for
+    svam's Meta-World collections)."""
+
+
+@dataclass
 class DataConfig:
     """How episodes are cut into training clips."""
 
@@ -87,6 +116,7 @@ class DataConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    lerobot: LeRobotConfig = field(default_factory=LeRobotConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train_teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)

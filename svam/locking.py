@@ -74,17 +74,19 @@ def _take(output: Path) -> tuple[FileLock | None, str | None]:
 def output_lock(output: str | Path) -> Iterator[None]:
     """Hold the lock on `output` for the block; refuse at once (`OutputLockedError`, one line
     naming the holder) if another process holds it. Call it on every rank of a job."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
     output = Path(output)
-    # As the stages make it: accelerate forms a multi-process CPU group only when told the run is
-    # on the CPU (an already made state is returned as it is).
-    state = PartialState(cpu=not torch.cuda.is_available())
-    lock, refusal = _take(output) if state.is_main_process else (None, None)
-    if state.num_processes > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch
+        import torch
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        # As the stages make it: accelerate forms a multi-process CPU group only when told the
+        # run is on the CPU (an already made state is returned as it is).
+        state = PartialState(cpu=not torch.cuda.is_available())
+        lock, refusal = _take(output) if state.is_main_process else (None, None)
         refusal = broadcast_object_list([refusal])[0]
+    else:  # one process: no torch to import (collect and import never need it)
+        lock, refusal = _take(output)
     if refusal:
         raise OutputLockedError(refusal)
     try:

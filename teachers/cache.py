@@ -28,17 +28,17 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from svam import __version__
-from svam.atomic import atomic_file, write_json_atomic
+from svam.atomic import write_json_atomic
 from svam.config import Config
 from svam.data.episodes import SPLITS, clip_starts, split_counts, split_episodes
 from svam.data.schema import EPISODES, TEACHER_CACHE, SchemaError
 from svam.data.shards import (
     MANIFEST_NAME,
     ShardSet,
+    finished_shard,
     read_shard,
-    shard_record,
-    tar_writer,
     write_manifest,
+    write_shard,
 )
 from svam.hashing import file_digest, json_digest
 from svam.locking import output_lock
@@ -218,7 +218,7 @@ class TeacherCacheJob:
         self.state.wait_for_everyone()
 
     def is_done(self, job: ShardJob) -> bool:
-        return (self.out_dir / f"{job.name}.json").is_file() and (self.out_dir / job.name).is_file()
+        return finished_shard(self.out_dir / job.name) is not None
 
     def sample_bytes(self, store: EpisodeStore) -> dict[str, int]:
         """Bytes per clip of each stored array, from one cheap one-step pass for the feature size."""
@@ -257,14 +257,14 @@ class TeacherCacheJob:
         for clip in clips:
             episode, meta = store.get(clip.episode)
             steps = clip.start + np.arange(data.clip_frames) * data.frame_stride
-            arrays.append(
-                {
-                    "frames": episode["frames"][steps],
-                    "depth": episode["depth"][steps],
-                    "actions": episode["actions"][clip.start : clip.start + data.action_horizon],
-                    "state": episode["state"][steps],
-                }
-            )
+            clip_arrays = {
+                "frames": episode["frames"][steps],
+                "actions": episode["actions"][clip.start : clip.start + data.action_horizon],
+                "state": episode["state"][steps],
+            }
+            if "depth" in episode:  # imported datasets may hold none
+                clip_arrays["depth"] = episode["depth"][steps]
+            arrays.append(clip_arrays)
             metas.append(
                 {
                     "task": meta["task"],
@@ -336,12 +336,7 @@ class TeacherCacheJob:
             if not self.reported_eta:
                 self.report_eta(progress)
         start = time.perf_counter()
-        path = self.out_dir / job.name
-        with atomic_file(path) as tmp, tar_writer(tmp) as tar:
-            for key, arrays, meta in samples:
-                tar.write(TEACHER_CACHE.encode(key, arrays, meta))
-        record = shard_record(path, [key for key, _, _ in samples])
-        write_json_atomic(path.with_name(path.name + ".json"), {**record, "skipped": skipped})
+        write_shard(self.out_dir / job.name, TEACHER_CACHE, samples, skipped=skipped)
         self.timing["write"] += time.perf_counter() - start
 
     def report_eta(self, progress: tqdm) -> None:
@@ -435,8 +430,7 @@ class TeacherCacheJob:
     def write_manifest(self) -> None:
         records = []
         for job in self.jobs:
-            record = json.loads((self.out_dir / f"{job.name}.json").read_text())
-            records.append(record)
+            records.append(finished_shard(self.out_dir / job.name))
         skipped = [key for record in records for key in record.pop("skipped")]
         counts: dict[str, int] = defaultdict(int)
         for job, record in zip(self.jobs, records, strict=True):

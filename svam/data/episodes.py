@@ -69,20 +69,22 @@ def clip_starts(length: int, data: DataConfig) -> range:
 def episode_clips(key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], data: DataConfig):
     """Cut one decoded episode into clip dicts of torch tensors."""
     frames = torch.from_numpy(arrays["frames"]).permute(0, 3, 1, 2)  # (L, 3, H, W)
-    depth = torch.from_numpy(arrays["depth"])
+    depth = torch.from_numpy(arrays["depth"]) if "depth" in arrays else None
     actions = torch.from_numpy(arrays["actions"])
     state = torch.from_numpy(arrays["state"])
     for t0 in clip_starts(len(frames), data):
         index = torch.arange(data.clip_frames) * data.frame_stride + t0
-        yield {
+        clip = {
             "frames": frames[index],
-            "depth": depth[index],
             "actions": actions[t0 : t0 + data.action_horizon],
             "state": state[index],
             "instruction": meta["instruction"],
             "task": meta["task"],
             "key": f"{key}/{t0:04d}",
         }
+        if depth is not None:  # imported datasets may hold none
+            clip["depth"] = depth[index]
+        yield clip
 
 
 class EpisodeClips(ShardStream):

@@ -117,9 +117,16 @@ EPISODES = ShardSchema(
         "frames": ArraySpec(
             "uint8", ("L", "H", "W", 3), "RGB observation before action i, upright"
         ),
-        "depth": ArraySpec("float16", ("L", "H", "W"), "depth in metres from the same camera"),
-        "actions": ArraySpec("float32", ("L", "A"), "expert action i"),
-        "state": ArraySpec("float32", ("L", "S"), "proprioception: end-effector xyz, gripper"),
+        "depth": ArraySpec(
+            "float16",
+            ("L", "H", "W"),
+            "depth in metres from the same camera (the simulator's; imported datasets may lack it)",
+            optional=True,
+        ),
+        "actions": ArraySpec("float32", ("L", "A"), "the demonstrator's action i"),
+        "state": ArraySpec(
+            "float32", ("L", "S"), "proprioception (Meta-World: end-effector xyz, gripper)"
+        ),
     },
     meta_keys=("task", "instruction", "seed", "success", "first_success_step", "camera"),
 )
@@ -152,7 +159,10 @@ TEACHER_CACHE = ShardSchema(
             "uint8", ("T", "H", "W", 3), "the real clip; frame 0 is the current one"
         ),
         "depth": ArraySpec(
-            "float16", ("T", "H", "W"), "the simulator's depth of the real clip, metres"
+            "float16",
+            ("T", "H", "W"),
+            "the simulator's depth of the real clip, metres (absent when the episodes have none)",
+            optional=True,
         ),
         "actions": ArraySpec("float32", ("K", "A"), "expert actions from the current frame on"),
         "state": ArraySpec("float32", ("T", "S"), "proprioception at the clip's frames"),

@@ -13,18 +13,18 @@ the schema, no key in two shards), reading only the tar headers; `verify` also h
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
 import tarfile
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
-from svam.atomic import removing_on_failure, write_json_atomic
+from svam.atomic import atomic_file, removing_on_failure, write_json_atomic
 from svam.data.schema import SchemaError, ShardSchema, schema_for
 from svam.hashing import DigestReader, file_digest, json_digest
 
@@ -66,9 +66,42 @@ def check_field_digests(manifest: dict[str, Any], path: Path) -> None:
             )
 
 
-def tar_writer(path: Path) -> wds.TarWriter:
-    """A webdataset tar writer with a fixed mtime and owner: the same samples give the same bytes."""
-    return wds.TarWriter(str(path), mtime=0.0, user="svam", group="svam")
+class TarWriter:
+    """Write webdataset samples (`__key__` plus member name -> bytes) as a tar shard, the layout
+    webdataset's own TarWriter writes (members `<key>.<name>` in sorted order, mode 0444), with a
+    fixed mtime and owner so the same samples give the same bytes. Plain `tarfile`: webdataset's
+    writer imports torch, which an import's decode workers have no use for."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w|")
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for name in sorted(sample):
+            if name.startswith("_"):
+                continue
+            data = sample[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+            info.uname = info.gname = "svam"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tar_writer(path: Path) -> TarWriter:
+    return TarWriter(path)
 
 
 def shard_record(path: Path, keys: list[str]) -> dict[str, Any]:
@@ -80,6 +113,34 @@ def shard_record(path: Path, keys: list[str]) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         "sha256": file_digest(path),
     }
+
+
+def write_shard(
+    path: Path, schema: ShardSchema, samples: Iterable[tuple[str, dict, dict]], **extra: Any
+) -> dict[str, Any]:
+    """Write one tar shard of `samples` (key, arrays, meta) atomically, then its `<name>.json`
+    sidecar (its manifest record plus `extra`), which marks it complete: a resumable job that
+    writes shards one by one skips those with a sidecar (`finished_shard`)."""
+    keys = []
+    with atomic_file(path) as tmp, tar_writer(tmp) as tar:
+        for key, arrays, meta in samples:
+            tar.write(schema.encode(key, arrays, meta))
+            keys.append(key)
+    record = {**shard_record(path, keys), **extra}
+    write_json_atomic(sidecar_path(path), record)
+    return record
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def finished_shard(path: Path) -> dict[str, Any] | None:
+    """The sidecar record of a shard `write_shard` completed, or None (not written, or cut off)."""
+    sidecar = sidecar_path(path)
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    return json.loads(sidecar.read_text())
 
 
 class ShardSetWriter:
@@ -99,7 +160,7 @@ class ShardSetWriter:
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         self.partial_dir.mkdir(parents=True)
         self.shards: list[dict[str, Any]] = []
-        self._tar: wds.TarWriter | None = None
+        self._tar: TarWriter | None = None
         self._keys: list[str] = []
 
     def __enter__(self) -> ShardSetWriter:
@@ -278,6 +339,8 @@ def shard_index(path: Path, schema: ShardSchema, hash_bytes: bool) -> tuple[list
     """The sample keys of a tar shard in order, each sample's members checked against the schema
     (names only: `read_shard` checks the arrays), and with `hash_bytes` the sha256 of the file,
     in the same pass. Without it only the headers are read."""
+    from webdataset.tariterators import base_plus_ext
+
     known = {f"{name}.npy" for name in schema.arrays} | {"meta.json"}
     required = {f"{name}.npy" for name, spec in schema.arrays.items() if not spec.optional}
     required.add("meta.json")
@@ -288,7 +351,7 @@ def shard_index(path: Path, schema: ShardSchema, hash_bytes: bool) -> tuple[list
             reader = DigestReader(handle) if hash_bytes else None
             with tarfile.open(fileobj=reader or handle, mode="r|" if reader else "r:") as tar:
                 for member in tar:
-                    key, suffix = wds.tariterators.base_plus_ext(member.name)
+                    key, suffix = base_plus_ext(member.name)
                     if key is None or suffix not in known:
                         raise SchemaError(
                             f"{path}: member '{member.name}' is not in the {schema.kind} schema"
@@ -312,8 +375,10 @@ def shard_index(path: Path, schema: ShardSchema, hash_bytes: bool) -> tuple[list
 def read_shard(path: Path, schema: ShardSchema, keys: Container[str] | None = None):
     """Yield decoded samples of one tar shard (only those in `keys`, if given: the others are not
     decoded); a truncated or corrupt tar raises a SchemaError naming it."""
+    from webdataset import tarfile_samples
+
     try:
-        for raw in wds.tarfile_samples([{"url": str(path)}]):
+        for raw in tarfile_samples([{"url": str(path)}]):
             if keys is None or raw["__key__"] in keys:
                 yield schema.decode(raw)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:

@@ -39,6 +39,7 @@ import numpy as np
 
 from svam.atomic import write_json_atomic
 from svam.config import Config
+from svam.distill.fidelity import NO_WORLD_DEPTH
 from svam.eval.timing import CONTROL_PERIOD_S, delay_steps, latency_profile
 from svam.hashing import file_digest, json_digest
 from svam.locking import output_lock
@@ -742,6 +743,8 @@ class Evaluation:
             "float16 rounding: a check of the pipeline); under fresh noise its distance is the "
             "teacher's own sampling spread, the floor stated as the sampling floor row."
         )
+        if self.cache is not None and not self.teacher_cache.has("depth"):
+            notes.append(f"Foresight depth: {NO_WORLD_DEPTH}.")
         if self.cache is not None and not self.baselines.is_file():
             notes.append(
                 f"Foresight fidelity is not measured: no {self.baselines} (run `svam distill`)."
