@@ -241,7 +241,7 @@ def test_killed_import_resumes_to_identical_bytes(tmp_path):
     assert resumed["import-plan.json"] == uninterrupted["import-plan.json"]
 
 
-def test_imported_dims_and_missing_depth_flow_through_the_pipeline(v21, tmp_path):
+def test_imported_dims_and_missing_depth_flow_through_the_pipeline(v21, tmp_path, capsys):
     """7-dim actions, 6-dim state and no depth go through every stage without a config edit."""
     from svam.distill.fidelity import NO_WORLD_DEPTH
 
@@ -260,3 +260,6 @@ def test_imported_dims_and_missing_depth_flow_through_the_pipeline(v21, tmp_path
     policy = json.loads((tmp_path / "micro/policy/shortcut/config.json").read_text())
     head = policy["models"]["action_head"]
     assert (head["action_dim"], head["state_dim"]) == (7, 6)
+    # closed loop needs Meta-World's 4-dim actions: refused at once, naming the way out
+    assert main(["eval", *run, "eval.modes=[shortcut]"]) == 1
+    assert "set eval.rollouts=false" in capsys.readouterr().err

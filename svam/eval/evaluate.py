@@ -353,6 +353,20 @@ class Evaluation:
         profile = self.stored_profile()
         return [self.rollouts_key(t, profile) for t in self.ok]
 
+    def check_rollouts(self) -> None:
+        """Refuse closed-loop episodes of policies that cannot act in Meta-World (trained on data
+        imported from another robot), before anything is measured."""
+        from svam.flops import ACTION_DIM
+
+        for target in self.ok:
+            head = json.loads((target.policy / "config.json").read_text())["models"]["action_head"]
+            if head["action_dim"] != ACTION_DIM:
+                raise EvalError(
+                    f"{target.policy}: the policy acts in {head['action_dim']} dims, Meta-World's "
+                    f"robot in {ACTION_DIM}: closed-loop success needs episodes of Meta-World "
+                    "(for data imported from another robot set eval.rollouts=false)"
+                )
+
     def run_rollouts(self, profile: dict | None) -> dict[str, dict]:
         """Every mode's closed-loop episodes under eval.timing (`profile`: `timing_profile`)."""
         from tqdm.auto import tqdm
@@ -787,6 +801,8 @@ def evaluate(config: Config, out_dir: str | Path | None = None) -> Path:
         run.save_config(config, "eval")
         evaluation.root.mkdir(parents=True, exist_ok=True)
         evaluation.check_cache()
+        if config.eval.rollouts:
+            evaluation.check_rollouts()
         with fixed_threads(config.eval.threads):  # first: sync/async timing needs the latency
             policies = {t.mode: evaluation.load(t) for t in evaluation.ok}
             measured = evaluation.measure(policies)
