@@ -9,6 +9,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +17,8 @@ import pyarrow.parquet as pq
 os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
 
 CAMERAS = ("observation.images.top", "observation.images.wrist")
+IMAGE_CAMERA = "observation.images.gripper"
+"""An `image` feature: PNG bytes in the parquet rows (lerobot's struct<bytes, path>)."""
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 
@@ -63,6 +66,11 @@ def write_v21_dataset(
         }
         for camera in CAMERAS
     }
+    features[IMAGE_CAMERA] = {
+        "dtype": "image",
+        "shape": [height, width, 3],
+        "names": ["height", "width", "channels"],
+    }
     features["observation.state"] = {"dtype": "float32", "shape": [state_dim], "names": None}
     features["action"] = {"dtype": "float32", "shape": [action_dim], "names": None}
     for name, dtype in (
@@ -80,8 +88,17 @@ def write_v21_dataset(
         task_index = episode % len(tasks)
         state = rng.normal(size=(length, state_dim)).astype(np.float32)
         action = rng.normal(size=(length, action_dim)).astype(np.float32)
+        images = episode_frames(episode, length, height, width, 2)
+        png = [
+            cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+            for image in images
+        ]
         table = pa.table(
             {
+                IMAGE_CAMERA: pa.array(
+                    [{"bytes": data, "path": None} for data in png],
+                    pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+                ),
                 "observation.state": pa.FixedSizeListArray.from_arrays(state.ravel(), state_dim),
                 "action": pa.FixedSizeListArray.from_arrays(action.ravel(), action_dim),
                 "timestamp": pa.array(np.arange(length, dtype=np.float32) / fps),
@@ -95,7 +112,7 @@ def write_v21_dataset(
         data_path = root / DATA_PATH.format(**paths)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, data_path)
-        frames = {}
+        frames = {IMAGE_CAMERA: images}
         for number, camera in enumerate(CAMERAS):
             frames[camera] = episode_frames(episode, length, height, width, number)
             video_path = root / VIDEO_PATH.format(video_key=camera, **paths)

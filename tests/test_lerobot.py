@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from lerobot_fixtures import CAMERAS, write_v21_dataset
+from lerobot_fixtures import CAMERAS, IMAGE_CAMERA, write_v21_dataset
 
 from svam.cli import main
 from svam.config import load_config
@@ -113,6 +113,23 @@ def test_v21_dataset_written_without_svam_imports(v21, tmp_path):
             tmp_path / "wrist",
         )
     )
+    gripper = samples(
+        import_lerobot(
+            load_config(
+                "tiny",
+                overrides(tmp_path, f"lerobot.camera={IMAGE_CAMERA}", "lerobot.image_size=32"),
+            ),
+            root,
+            tmp_path / "gripper",
+        )
+    )
+    for episode, expected in truth.items():
+        arrays, _ = gripper[by_episode[episode]]
+        resized = [
+            cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA)
+            for f in expected["frames"][IMAGE_CAMERA]
+        ]
+        np.testing.assert_array_equal(arrays["frames"], np.stack(resized))  # PNG: lossless
     for episode, expected in truth.items():
         arrays, meta = wrist[by_episode[episode]]
         assert meta["camera"] == CAMERAS[1]
@@ -165,7 +182,8 @@ BAD_INPUTS = {
         ["lerobot.state=observation.joints"],
         "info.json",
         "'observation.joints' (lerobot.state) is not in the dataset; its features: "
-        "observation.images.top, observation.images.wrist, observation.state, action",
+        "observation.images.top, observation.images.wrist, observation.images.gripper, "
+        "observation.state, action",
     ),
     "missing video": (lambda root: _video(root).unlink(), [], "episode_000001.mp4", "missing"),
     "truncated video": (_truncate_video, [], "episode_000001.mp4", "video"),
@@ -213,8 +231,8 @@ def test_killed_import_resumes_to_identical_bytes(tmp_path):
     root = tmp_path / "dataset"
     write_v21_dataset(root, lengths=(8, 9, 7, 8, 9, 8))
     args = ["import", "lerobot", str(root), *overrides(tmp_path, "lerobot.episodes_per_shard=1")]
-    reference = tmp_path / "reference"
-    assert main([*args, "--out", str(reference)]) == 0
+    reference = tmp_path / "reference"  # two workers: the same bytes as one
+    assert main([*args, "--out", str(reference), "lerobot.workers=2"]) == 0
     out = tmp_path / "resumed"
     child = subprocess.Popen(
         [sys.executable, "-c", KILLABLE_IMPORT, *args, "--out", str(out)],
