@@ -213,6 +213,11 @@ class TeacherTrainConfig:
     sigma_p_mean: float = 0.7
     sigma_p_std: float = 1.6
     """Training noise levels: log(sigma) ~ N(p_mean, p_std^2), as SVD was trained."""
+    feature_level_share: float = 0.0
+    """Share of training clips noised at the one-step features' level (the pipeline's
+    `feature_noise_level`, sigma_max = 700 on SVD's schedule) instead of the log-normal, which
+    meets sigma >= 700 about once in 8,000 draws: a teacher trained from scratch is otherwise
+    never trained where svam reads its features (SVD's pretraining covered that range)."""
     vae_steps: int = 300
     """Warm-up of a from-scratch VAE on episode frames before the UNet (then frozen); must be 0
     with a pretrained teacher, whose VAE stays frozen."""

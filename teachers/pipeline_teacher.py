@@ -81,6 +81,11 @@ class TeacherPipeline:
             scheduler.set_timesteps(steps, device=self.teacher.device)
         return scheduler
 
+    def feature_noise_level(self, num_inference_steps: int | None = None) -> float:
+        """The sigma of the one-step pass: `runtime.feature_sigma`, else the first (noisiest) of
+        the `num_inference_steps` schedule (SVD's: sigma_max = 700)."""
+        return float(self.scheduler(num_inference_steps, self.runtime.feature_sigma).sigmas[0])
+
     def noise_levels(self, num_inference_steps: int | None = None) -> list[float]:
         """The sigmas of the sampling schedule, noisiest first, ending with 0."""
         return self.scheduler(num_inference_steps).sigmas.tolist()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ class TeacherTrainer(TrainingStage):
         self.accelerator = self.loop.accelerator
         teacher = VideoTeacher.from_config(self.config.teacher, seed=self.config.run.seed)
         self.teacher = teacher.to(self.accelerator.device)
+        self.feature_sigma = TeacherPipeline(teacher).feature_noise_level()
         if self.args.vae_steps:
             self._warm_up_vae()
 
@@ -281,9 +283,14 @@ class TeacherTrainer(TrainingStage):
         return torch.stack(latents).to(self.accelerator.device)
 
     def _loss(
-        self, batch: dict[str, Any], denoiser: nn.Module, generator: torch.Generator
+        self,
+        batch: dict[str, Any],
+        denoiser: nn.Module,
+        generator: torch.Generator,
+        sigma: float | None = None,
     ) -> torch.Tensor:
-        """EDM loss of one batch; all noise comes from `generator` (CPU)."""
+        """EDM loss of one batch, at noise level `sigma` or at training's; all noise comes from
+        `generator` (CPU)."""
         teacher, args = self.teacher, self.args
         device = self.accelerator.device
         with torch.no_grad():
@@ -295,10 +302,17 @@ class TeacherTrainer(TrainingStage):
                 text if k else "" for text, k in zip(batch["instruction"], keep, strict=True)
             ]
             text_states = teacher.text_states(instructions)
-        log_sigma = args.sigma_p_mean + args.sigma_p_std * torch.randn(
-            batch_size, generator=generator
-        )
-        sigma = log_sigma.exp().to(device)
+        if sigma is None:
+            log_sigma = args.sigma_p_mean + args.sigma_p_std * torch.randn(
+                batch_size, generator=generator
+            )
+            if args.feature_level_share > 0:  # no extra draw otherwise: same stream as before
+                at_features = torch.rand(batch_size, generator=generator) < args.feature_level_share
+                log_sigma[at_features] = math.log(self.feature_sigma)
+            sigma = log_sigma.exp()
+        else:
+            sigma = torch.full((batch_size,), float(sigma))
+        sigma = sigma.to(device)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         c_in, c_noise, c_skip, c_out, weight = edm_scalings(sigma)
         expand = (-1, 1, 1, 1, 1)
@@ -329,6 +343,10 @@ class TeacherTrainer(TrainingStage):
                 self._loss(b, denoiser, keyed_generator(seed, "val", i))
                 for i, b in enumerate(batches[: self.args.val_batches])
             ]
+            at_features = [
+                self._loss(b, denoiser, keyed_generator(seed, "val", i), self.feature_sigma)
+                for i, b in enumerate(batches[: self.args.val_batches])
+            ]
             frames, instructions = _pick_clips(batches, self.args.sample_clips)
             count = len(frames)
             result = TeacherPipeline(self.teacher)(
@@ -348,7 +366,10 @@ class TeacherTrainer(TrainingStage):
         Image.fromarray(grid).save(path)
         if self.loop.tensorboard is not None:
             self.loop.tensorboard.add_image("samples/real_vae_pred", grid, step, dataformats="HWC")
-        return {"val/loss": float(torch.stack(losses).mean())}
+        return {
+            "val/loss": float(torch.stack(losses).mean()),
+            "val/loss_at_feature_level": float(torch.stack(at_features).mean()),
+        }
 
     # ---------------------------------------------------------------------------- export
 

@@ -192,3 +192,18 @@ def test_train_teacher_stage_writes_a_loadable_teacher(tmp_path, monkeypatch):
     assert record["training"]["config"]["train_teacher"]["steps"] == 2
     assert (tmp_path / "tiny" / "configs" / "train-teacher.yaml").is_file()
     assert list((tmp_path / "tiny" / "tb" / "teacher").glob("events.out.tfevents.*"))
+
+
+def test_clips_at_the_feature_level_train_the_teacher_where_features_are_read(tmp_path):
+    """With a share of clips noised at sigma_max (where the one-step features are read) the
+    validation loss at that level falls; the log-normal alone almost never draws it."""
+    config = micro_run_config(feature_level_share=0.5, steps=12, sample_every=6)
+    run = trainer(config, tmp_path)
+    run.train()
+    assert run.feature_sigma == pytest.approx(700.0, rel=1e-3)  # SVD's sigma_max
+    at_features = run.metrics["val/loss_at_feature_level"]
+    assert sorted(at_features) == [0, 6, 12]
+    assert at_features[12] < 0.8 * at_features[0], at_features
+    log_normal_only = trainer(micro_run_config(steps=12, sample_every=6), tmp_path / "log-normal")
+    log_normal_only.train()
+    assert at_features[12] < 0.9 * log_normal_only.metrics["val/loss_at_feature_level"][12]
