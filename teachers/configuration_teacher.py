@@ -226,6 +226,9 @@ class TeacherTrainConfig:
     vae_kl_weight: float = 1e-6
     cache_latents: bool = True
     """Keep each clip's VAE latents in memory after the first encode (tiny datasets only)."""
+    skill_clips: int = 64
+    """Test clips the finished teacher's foresight is scored on against copying the current frame
+    (`svam.teachers.skill`; written in its record and skill.md); 0: not scored."""
     log_every: int = 10
     sample_every: int = 200
     """Steps between validation loss + predicted-vs-real sample grids (PNG + tensorboard)."""

@@ -44,6 +44,7 @@ from svam.teachers.modeling_teacher import (
     read_teacher_record,
 )
 from svam.teachers.pipeline_teacher import TeacherPipeline
+from svam.teachers.skill import SKILL_NAME, skill_table, teacher_skill
 from svam.training import LoopSettings, TrainingLoop, TrainingStage
 
 
@@ -104,6 +105,8 @@ class TeacherTrainer(TrainingStage):
         clip batches (the format of `svam.data.episodes.clip_loader`) that starts after its first
         `skip_batches` batches; called once per phase and on resume.
     eval_batches: returns the fixed clip batches used for the validation loss and sample grids.
+    test_batches: returns the test clips the exported teacher's foresight skill is measured on
+        (`svam.teachers.skill`), or None: not measured.
     training_key: recorded in the teacher directory; `is_trained` compares it.
     """
 
@@ -121,8 +124,10 @@ class TeacherTrainer(TrainingStage):
         output_dir: str | Path,
         tb_dir: str | Path | None = None,
         training_key: str | None = None,
+        test_batches: Callable[[], list[dict[str, Any]]] | None = None,
     ):
         self.config = config
+        self.test_batches = test_batches
         self.training_key = training_key
         self.args = config.train_teacher
         self.train_stream = train_stream
@@ -373,6 +378,14 @@ class TeacherTrainer(TrainingStage):
 
     # ---------------------------------------------------------------------------- export
 
+    def _skill(self) -> dict[str, Any] | None:
+        """The exported teacher's foresight skill on the test clips (None without them)."""
+        batches = self.test_batches() if self.test_batches is not None else []
+        if not batches:
+            return None
+        with self.accelerator.autocast():
+            return teacher_skill(TeacherPipeline(self.teacher), batches, self.config.run.seed)
+
     def export(self, denoiser: nn.Module, step: int, into: Path) -> None:
         """The teacher directory, with the EMA weights the loop put in place; main only."""
         if not self.accelerator.is_main_process:
@@ -391,7 +404,13 @@ class TeacherTrainer(TrainingStage):
                 "config": to_dict(self.config),
             }
         }
+        skill = self._skill()
+        if skill is not None:
+            metadata["skill"] = skill
         self.teacher.save_pretrained(into, metadata=metadata)
+        if skill is not None:
+            (into / SKILL_NAME).write_text(f"# The teacher's foresight\n\n{skill_table(skill)}\n")
+            tqdm.write(f"train-teacher: foresight skill on test clips:\n{skill_table(skill)}")
         tqdm.write(
             f"train-teacher: teacher {self.teacher.fingerprint} -> {self.output_dir}"
             + (f"; samples (real / vae / predicted): {grid}" if grid.is_file() else "")
@@ -489,6 +508,15 @@ def train_teacher(config: Config) -> Path:
                 eval_cache.append(_first_batches(loader, count))
             return eval_cache[0]
 
+        def test_batches() -> list[dict[str, Any]]:
+            if not args.skill_clips:
+                return []
+            try:
+                loader = clip_loader(episodes, data, "test", seed=seed, shuffle=True)
+            except SchemaError:  # no test episodes (data.test_fraction=0)
+                return []
+            return _first_batches(loader, math.ceil(args.skill_clips / data.batch_size))
+
         if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
             run.save_config(config, "train-teacher")
         trainer = TeacherTrainer(
@@ -498,5 +526,6 @@ def train_teacher(config: Config) -> Path:
             output_dir=output,
             tb_dir=run.tb / "teacher",
             training_key=training_key(config, episodes),
+            test_batches=test_batches,
         )
         return trainer.train()

@@ -192,6 +192,28 @@ def test_train_teacher_stage_writes_a_loadable_teacher(tmp_path, monkeypatch):
     assert record["training"]["config"]["train_teacher"]["steps"] == 2
     assert (tmp_path / "tiny" / "configs" / "train-teacher.yaml").is_file()
     assert list((tmp_path / "tiny" / "tb" / "teacher").glob("events.out.tfevents.*"))
+    # its foresight scored against copying the current frame, per future index and space
+    skill = record["skill"]
+    assert skill["clips"] == 2
+    for space in ("pixels", "latents"):
+        rows = skill["per_index"][space]
+        assert [row["t"] for row in rows] == list(range(1, FRAMES))
+        for row in rows:
+            assert row["skill"] == pytest.approx(1 - row["mse_prediction"] / row["mse_copy"])
+    assert "| pixels |" in (out / "skill.md").read_text()
+
+
+def test_skill_interval_is_a_paired_bootstrap_around_the_ratio_of_errors():
+    import numpy as np
+
+    from svam.teachers.skill import skill_interval
+
+    rng = np.random.default_rng(0)
+    copy = rng.uniform(0.5, 1.5, 200)
+    half = skill_interval(0.5 * copy * rng.uniform(0.9, 1.1, 200), copy, seed=0)
+    assert half["low"] < 0.5 < half["high"] and half["high"] - half["low"] < 0.05
+    worse = skill_interval(2 * copy * rng.uniform(0.9, 1.1, 200), copy, seed=0)
+    assert worse["high"] < 0 and worse["skill"] == pytest.approx(-1, abs=0.05)
 
 
 def test_clips_at_the_feature_level_train_the_teacher_where_features_are_read(tmp_path):
