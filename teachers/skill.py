@@ -37,7 +37,7 @@ def skill_interval(prediction: np.ndarray, copy: np.ndarray, seed: int) -> dict[
 
     point = float(skill(prediction, copy))
     if len(prediction) < 3:
-        return {"skill": point, "low": float("nan"), "high": float("nan")}
+        return {"skill": point, "low": None, "high": None}  # too few clips for an interval
     result = stats.bootstrap(
         (prediction, copy),
         skill,
@@ -109,7 +109,10 @@ def teacher_skill(
             )
         report["per_index"][space] = rows
     report["beats_copy_beyond_first"] = {
-        space: all(row["low"] > 0 for row in report["per_index"][space][1:]) for space in SPACES
+        space: all(
+            row["low"] is not None and row["low"] > 0 for row in report["per_index"][space][1:]
+        )
+        for space in SPACES
     }
     return report
 
@@ -121,7 +124,8 @@ def skill_table(report: dict[str, Any]) -> str:
     lines = [header, "|---|" + "---:|" * len(first)]
     for space in SPACES:
         cells = [
-            f"{row['skill']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+            f"{row['skill']:+.3f} "
+            + (f"[{row['low']:+.3f}, {row['high']:+.3f}]" if row["low"] is not None else "[n/a]")
             for row in report["per_index"][space]
         ]
         lines.append(f"| {space} | " + " | ".join(cells) + " |")

@@ -340,3 +340,25 @@ def test_headline_table_has_a_row_per_mode_and_the_sampling_floor():
     assert "missing" in rows["multistep:25"]
     report["sampling_floor"] = None
     assert SAMPLING_FLOOR not in headline_table(report)
+
+
+def test_report_shows_the_teacher_skill_or_says_it_was_not_measured(tmp_path):
+    rows = [
+        {"t": t, "mse_prediction": 1.0, "mse_copy": 2.0, "skill": 0.5, "low": 0.4, "high": 0.6}
+        for t in (1, 2, 3)
+    ]
+    skill = {
+        "clips": 40,
+        "steps": 5,
+        "per_index": {"pixels": rows, "latents": rows},
+        "beats_copy_beyond_first": {"pixels": True, "latents": True},
+    }
+    report = full_report()
+    write_report({**report, "teacher_skill": skill}, tmp_path / "with")
+    text = (tmp_path / "with" / "report.md").read_text()
+    section = text.split("## The teacher's own foresight")[1].split("## ")[0]
+    assert "| pixels | +0.500 [+0.400, +0.600] |" in section and "40 test clips" in section
+    assert "interval above 0): pixels: yes, latents: yes" in section
+    write_report(report, tmp_path / "without")
+    text = (tmp_path / "without" / "report.md").read_text()
+    assert "Not measured: the teacher records no foresight skill" in text

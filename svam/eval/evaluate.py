@@ -661,6 +661,23 @@ class Evaluation:
         full = " (the cache's full schedule)" if schedule == full_steps else ""
         return f"the teacher generates with {schedule} steps{full}; DINOv2 / DA3 read the frames"
 
+    def teacher_skill(self) -> dict | None:
+        """The cache's teacher's own foresight against copying the current frame, as
+        `svam train-teacher` scored it on test clips (`svam.teachers.skill`); None when the
+        teacher records none or is not the one that made the cache."""
+        from svam.teachers.modeling_teacher import read_teacher_record
+
+        config = self.config
+        path = Path(self.args.teacher or config.cache.teacher or RunDir.from_config(config).teacher)
+        try:
+            record = read_teacher_record(path)
+        except (OSError, ValueError):
+            return None
+        made_cache = self.cache is not None and record.get("fingerprint") == (
+            self.teacher_cache.manifest.get("teacher_fingerprint")
+        )
+        return record.get("skill") if made_cache else None
+
     def report(self, rollouts: dict, measured: dict, profile: dict | None) -> dict:
         full_steps = self.record.get("feature_steps")
         latency, flops = measured["latency"], measured["flops"]
@@ -725,6 +742,7 @@ class Evaluation:
                 "control_period_ms": CONTROL_PERIOD_S * 1000,
             },
             "sampling_floor": measured["floor"],
+            "teacher_skill": self.teacher_skill(),
             "modes": modes,
             "notes": self.notes(measured, full_steps),
         }

@@ -728,6 +728,26 @@ def _published_note(report: dict) -> list[str]:
     ]
 
 
+def _teacher_skill(report: dict) -> list[str]:
+    """What the distilled foresight can at best be worth: the teacher's N-step prediction against
+    copying the current frame (train-teacher's scoring on test clips)."""
+    skill = report.get("teacher_skill")
+    if not skill:
+        return [
+            "Not measured: the teacher records no foresight skill (trained before svam scored it, "
+            "with train_teacher.skill_clips=0, or not the teacher that made the cache)."
+        ]
+    from svam.teachers.skill import skill_table
+
+    return [
+        "The teacher's N-step prediction of each future frame against holding the current frame "
+        "still, on test clips: foresight distilled from a teacher that does not beat copying is "
+        '"nothing moves".',
+        "",
+        skill_table(skill),
+    ]
+
+
 def _success_table(report: dict) -> list[str]:
     modes = {name: mode for name, mode in _ok_modes(report).items() if _get(mode, "success")}
     if not modes:
@@ -798,6 +818,10 @@ def markdown(report: dict) -> str:
         "Each cell: under the cache's noise (under fresh noise).",
         "",
         *_fidelity_tables(report),
+        "",
+        "## The teacher's own foresight",
+        "",
+        *_teacher_skill(report),
         "",
         "## Success per task",
         "",
