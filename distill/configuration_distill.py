@@ -48,9 +48,9 @@ class DistillConfig:
     mixed_precision: str = "no"
     """accelerate's: no, fp16 (GPU), bf16."""
     mse_weight: float = 1.0
-    """Weight of the normalised MSE (MSE over the train split's target variance, per branch)."""
+    """Weight of the MSE of per-channel standardised tokens (the train split's statistics)."""
     cosine_weight: float = 1.0
-    """Weight of the token cosine distance, 1 - cos(prediction, target)."""
+    """Weight of the token cosine distance, 1 - cos(prediction, target), of standardised tokens."""
 
     # Data.
     num_workers: int | None = None

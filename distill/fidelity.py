@@ -195,10 +195,6 @@ class RidgeRegression:
         variance = (self.y_squares / self.rows - mean.square()).clamp_min(0)
         return mean.float(), variance.sqrt().float()
 
-    def target_variance(self) -> float:
-        """Mean over output channels of the targets' variance."""
-        return float(self.target_moments()[1].double().square().mean())
-
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (in_dim, out_dim), bias (out_dim,)) in float32."""
         in_dim = self.xtx.shape[0] - 1

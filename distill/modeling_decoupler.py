@@ -143,7 +143,13 @@ def space_time_embedding(frames: int, grid: int, dim: int, device: torch.device)
 
 
 class Decoupler(SvamModel):
-    """One-step features (B, T, C, h, w) [+ reference tokens (B, P_ref, D_ref)] -> (B, T, P, D)."""
+    """One-step features (B, T, C, h, w) [+ reference tokens (B, P_ref, D_ref)] -> (B, T, P, D).
+
+    The head predicts per-channel standardised tokens; `target_mean` and `target_std` (the train
+    split's per-channel statistics, set by `svam distill` and saved with the weights) undo the
+    standardisation, so `forward` returns tokens in the encoder's own scale. Trained on
+    standardised targets, every channel counts alike, whatever its scale (half of Depth Anything
+    3's concatenated tokens would otherwise dominate the loss)."""
 
     config_class = DecouplerConfig
     rebuild = "re-run `svam distill`"
@@ -162,6 +168,8 @@ class Decoupler(SvamModel):
         )
         self.output_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, config.target_dim)
+        self.register_buffer("target_mean", torch.zeros(config.target_dim))
+        self.register_buffer("target_std", torch.ones(config.target_dim))
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -181,7 +189,19 @@ class Decoupler(SvamModel):
             ref = reference.reshape(batch, config.ref_grid, config.ref_grid, config.ref_dim)
             x = x + project_to_grid(ref, self.reference_norm, self.reference_proj, grid)[:, None]
         x = self._context(x)
-        return self.head(self.output_norm(x)).flatten(2, 3)
+        standardised = self.head(self.output_norm(x)).flatten(2, 3)
+        return standardised * self.target_std + self.target_mean
+
+    @torch.no_grad()
+    def set_target_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-channel mean and std (D,) of the targets the output is standardised by."""
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std.clamp_min(1e-6))
+
+    def standardise(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (..., D) in the encoder's scale -> standardised per channel (what the head
+        predicts)."""
+        return (tokens - self.target_mean) / self.target_std
 
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         """Run the blocks on (B, T, g, g, hidden), on a token_pool-times coarser grid if set."""

@@ -1,9 +1,11 @@
 """`svam distill`: train the semantic and geometric decouplers on a teacher cache.
 
 Both decouplers train together (one accelerate-prepared module, one optimizer) on teacher-cache
-clips streamed with a seeded shuffle buffer, disjoint per loader worker and process. Per branch
-the loss is `mse_weight` x MSE / (the train split's target variance) + `cosine_weight` x
-(1 - token cosine); the branches' losses are summed.
+clips streamed with a seeded shuffle buffer, disjoint per loader worker and process. Targets are
+standardised per channel by the train split's statistics (stored in each decoupler, which undoes
+them at inference), and per branch the loss is `mse_weight` x MSE + `cosine_weight` x (1 - token
+cosine), both on standardised tokens, so every channel counts alike; the branches' losses are
+summed.
 
 One-step features come from the cache, or, when it holds none, from the cache's teacher on the
 fly: a fresh noise draw per clip and epoch, seeded by (run seed, clip key, epoch).
@@ -414,7 +416,8 @@ class Distiller(TrainingStage):
 
     @torch.no_grad()
     def _fit_linear_probes(self) -> dict[str, Any]:
-        """Linear probes and target variances of both branches, fitted on the train split."""
+        """Linear probes and per-channel target statistics of both branches, fitted on the train
+        split."""
         configs = self.decouplers.branches()
         channels = configs["semantic"].in_channels
         ridges = {
@@ -439,7 +442,6 @@ class Distiller(TrainingStage):
             self._reduce(ridge.statistics())
             weight, bias = ridge.solve(self.args.probe_ridge)
             fitted[f"{name}.weight"], fitted[f"{name}.bias"] = weight, bias
-            fitted[f"{name}.variance"] = torch.tensor(ridge.target_variance())
             fitted[f"{name}.mean"], fitted[f"{name}.std"] = ridge.target_moments()
         return fitted
 
@@ -539,8 +541,9 @@ class Distiller(TrainingStage):
             b: LinearProbe(on_device[f"{b}.weight"], on_device[f"{b}.bias"], cfg.target_grid)
             for b, cfg in configs.items()
         }
-        self.variance = {b: float(fitted[f"{b}.variance"]) for b in configs}
-        self.moments = {b: (on_device[f"{b}.mean"], on_device[f"{b}.std"]) for b in configs}
+        self.moments = {
+            b: (on_device[f"{b}.mean"], on_device[f"{b}.std"].clamp_min(1e-6)) for b in configs
+        }
         self.probe_clips = int(fitted["train_clips"])
         self.notes = [fitted["depth_note"]] if fitted["depth_note"] else []
         grid = self.decouplers.geometric.target_grid
@@ -579,7 +582,10 @@ class Distiller(TrainingStage):
     def build(self) -> DecouplerPair:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.run.seed)
-            return DecouplerPair(build_decouplers(self.decouplers)).to(self.device).train()
+            pair = DecouplerPair(build_decouplers(self.decouplers))
+        for name, model in pair.branches.items():
+            model.set_target_statistics(*self.moments[name])
+        return pair.to(self.device).train()
 
     def stream(self, consumed: int):
         arrays = [*TARGETS, self.feature_array]
@@ -632,8 +638,9 @@ class Distiller(TrainingStage):
         args = self.args
         total, parts = 0.0, {}
         for name, pred in preds.items():
-            pred, target = pred.float(), targets[name]
-            nmse = F.mse_loss(pred, target) / self.variance[name]
+            mean, std = self.moments[name]
+            pred, target = (pred.float() - mean) / std, (targets[name] - mean) / std
+            nmse = F.mse_loss(pred, target)  # per-channel standardised
             cosine = F.cosine_similarity(pred, target, dim=-1).mean()
             total = total + args.mse_weight * nmse + args.cosine_weight * (1 - cosine)
             parts[f"train/{name}/nmse"] = nmse.item()
@@ -651,10 +658,10 @@ class Distiller(TrainingStage):
 
     def _score(self, result: dict[str, list[float]]) -> float:
         """The validation counterpart of the loss over the future frames: weighted standardised
-        NMSE + cosine distance."""
+        NMSE + centred cosine distance."""
         summary = summarize_tokens(result)
         return self.args.mse_weight * summary["nmse"] + self.args.cosine_weight * (
-            1 - summary["cosine"]
+            1 - summary["centred_cosine"]
         )
 
     @torch.no_grad()

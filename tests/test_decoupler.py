@@ -128,6 +128,22 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(model(features, reference), loaded.eval()(features, reference))
 
 
+def test_target_standardisation_is_undone_at_inference_and_saved(tmp_path):
+    config = tiny(target_dim=24)
+    model = build(config).eval()
+    features, reference = example_inputs(config, batch=2)
+    with torch.no_grad():
+        standardised = model(features, reference)  # statistics 0 / 1: the head's own output
+        mean, std = torch.linspace(-3, 3, 24), torch.linspace(0.1, 50, 24)
+        model.set_target_statistics(mean, std)
+        tokens = model(features, reference)
+        torch.testing.assert_close(tokens, standardised * std + mean)
+        torch.testing.assert_close(model.standardise(tokens), standardised)
+        loaded = Decoupler.from_pretrained(model.save_pretrained(tmp_path / "semantic")).eval()
+        torch.testing.assert_close(loaded.target_std, std)
+        assert torch.equal(loaded(features, reference), tokens)
+
+
 def test_load_errors(tmp_path):
     path = build(tiny()).save_pretrained(tmp_path / "decoupler")
     with pytest.raises(DecouplerLoadError, match=r"config\.json: target_dim=384, expected 768"):
