@@ -80,9 +80,18 @@ class DistillConfig:
     checkpoints_total_limit: int = 2
     resume: str | None = "latest"
     """'latest' (newest checkpoint in the work dir, if any), a checkpoint directory, or None."""
+    cross_fit_folds: int = 0
+    """K >= 2: also fit K decoupler pairs, fold k on the train episodes outside fold k (episodes
+    dealt round-robin in key order), so `svam train-policy` gives every train clip foresight from
+    decouplers that never fitted it, as it will get at evaluation (cross-fitting); 0: the policy
+    trains on the published decouplers' in-sample foresight."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
+        if self.cross_fit_folds == 1 or self.cross_fit_folds < 0:
+            raise ValueError(
+                f"distill.cross_fit_folds={self.cross_fit_folds}: 0 (no cross-fitting) or at least 2"
+            )
         if self.onestep not in ONESTEP_MODES:
             raise ValueError(f"distill.onestep='{self.onestep}': one of {', '.join(ONESTEP_MODES)}")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -49,7 +49,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-from svam.atomic import atomic_dir, atomic_file
+from svam.atomic import atomic_dir, atomic_file, write_json_atomic
 from svam.config import Config, to_dict
 from svam.data.episodes import SPLITS
 from svam.data.teacher_cache import (
@@ -59,11 +59,20 @@ from svam.data.teacher_cache import (
     TARGETS,
     TeacherCache,
     cache_key_parts,
+    clip_episode,
     loader_settings,
     onestep_source,
     teacher_cache_loader,
 )
 from svam.distill.configuration_decoupler import BRANCHES, DecouplerConfig, DecouplersConfig
+from svam.distill.cross_fitting import (
+    FOLDS_NAME,
+    assign_folds,
+    fold_dir,
+    folds_dir,
+    held_out,
+    read_folds,
+)
 from svam.distill.fidelity import (
     BASELINES,
     DEPTH_SUBPATCH,
@@ -101,6 +110,7 @@ NOT_IN_KEY = (
     "log_every",
     "checkpoint_every",
     "checkpoints_total_limit",
+    "cross_fit_folds",  # the published decouplers do not depend on it; folds.json records it
 )
 """Distill keys that do not change the trained decouplers (paths, resumption, logging)."""
 
@@ -162,7 +172,12 @@ def is_distilled(config: Config) -> bool:
         ]
         if not all(path.is_file() for path in published):
             return False  # written by an older svam
-        return record.get("key") == training_key(config, cache, onestep_mode(config, cache))
+        key = training_key(config, cache, onestep_mode(config, cache))
+        if record.get("key") != key:
+            return False
+        folds = config.distill.cross_fit_folds
+        found = read_folds(paths.output)
+        return not folds or (found is not None and (found["key"], found["folds"]) == (key, folds))
     except (OSError, ValueError):
         return False
 
@@ -282,9 +297,20 @@ class Distiller(TrainingStage):
     section = "distill"
     error = DistillError
 
-    def __init__(self, config: Config, paths: DistillPaths):
-        config.distill.validate()
+    def __init__(
+        self,
+        config: Config,
+        paths: DistillPaths,
+        exclude_episodes: frozenset[str] = frozenset(),
+        tb_name: str = "distill",
+    ):
+        """`exclude_episodes`: train episodes this run must not fit (a cross-fitting fold's)."""
+        try:
+            config.distill.validate()
+        except ValueError as exc:
+            raise DistillError(str(exc)) from exc
         self.config, self.args, self.paths = config, config.distill, paths
+        self.exclude = exclude_episodes
         self.cache = TeacherCache.open(paths.cache)
         for split in SPLITS:
             if not self.cache.members(split):
@@ -296,6 +322,8 @@ class Distiller(TrainingStage):
         self.teacher_runtime = self.cache.runtime_for(config.teacher, DistillError)
         self.mode = onestep_mode(config, self.cache)
         self.key = training_key(config, self.cache, self.mode)
+        if exclude_episodes:
+            self.key = json_digest([self.key, sorted(exclude_episodes)])
         self.loader_settings = loader_settings(config.distill, config.data)
         self.feature_array = "onestep" if self.mode == CACHED else CURRENT
         self.teacher_pipeline = None
@@ -307,7 +335,7 @@ class Distiller(TrainingStage):
             LoopSettings.of(self.args, steps=self.total_steps),
             work_dir=paths.work,
             output_dir=paths.output,
-            tb_dir=RunDir.from_config(config).tb / "distill",
+            tb_dir=RunDir.from_config(config).tb / tb_name,
         )
 
     def train(self) -> Path:
@@ -364,7 +392,12 @@ class Distiller(TrainingStage):
         )
         return (features.shape[2], features.shape[3]), str(self.paths.teacher)
 
+    def _train_clips(self) -> int:
+        return sum(clip_episode(key) not in self.exclude for _, key in self.cache.members("train"))
+
     def _loader(self, split: str, arrays: list[str], **options: Any):
+        if split == "train":
+            options["exclude_episodes"] = self.exclude
         return teacher_cache_loader(
             self.cache,
             split,
@@ -606,7 +639,7 @@ class Distiller(TrainingStage):
         if args.epochs is None:
             return args.steps
         per_step = args.batch_size * args.gradient_accumulation_steps * processes
-        return max(1, math.ceil(args.epochs * len(self.cache.members("train")) / per_step))
+        return max(1, math.ceil(args.epochs * self._train_clips() / per_step))
 
     def _announce(self, features: tuple[int, int]) -> None:
         if not self.is_main:
@@ -623,6 +656,7 @@ class Distiller(TrainingStage):
             for name, cfg in self.decouplers.branches().items()
         )
         counts = {split: len(self.cache.members(split)) for split in SPLITS}
+        counts["train"] = self._train_clips()
         tqdm.write(
             f"distill: one-step features {where}\n"
             f"distill: {features[0]}-channel {features[1]}x{features[1]} features of "
@@ -861,6 +895,7 @@ class Distiller(TrainingStage):
             "cache": str(self.cache.root),
             "teacher_fingerprint": self.cache.manifest["teacher_fingerprint"],
             "encoders": {name: cfg.encoder for name, cfg in self.decouplers.branches().items()},
+            "held_out_episodes": sorted(self.exclude),
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -891,4 +926,41 @@ def distill(config: Config, out_dir: str | Path | None = None) -> Path:
         config.distill.output_dir = str(out_dir)
     paths = distill_paths(config)
     with output_lock(paths.output):
-        return Distiller(config, paths).train()
+        distiller = Distiller(config, paths)
+        if _published_key(paths.output) != distiller.key:
+            distiller.train()
+        if config.distill.cross_fit_folds:
+            _cross_fit(config, paths, distiller.key)
+        return paths.output
+
+
+def _published_key(output: Path) -> str | None:
+    """The training key of the decouplers published at `output`, or None."""
+    try:
+        return json.loads((output / RECORD_NAME).read_text()).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def _cross_fit(config: Config, paths: DistillPaths, key: str) -> None:
+    """Fit the K fold pairs (`svam.distill.cross_fitting`), skipping those already published for
+    this config, then write folds.json."""
+    folds = config.distill.cross_fit_folds
+    cache = TeacherCache.open(paths.cache, verify=False)
+    fold_of = assign_folds([clip_episode(k) for _, k in cache.members("train")], folds)
+    if folds > len(fold_of):
+        raise DistillError(
+            f"distill.cross_fit_folds={folds}, but the cache holds {len(fold_of)} train episodes"
+        )
+    for fold in range(folds):
+        fold_paths = dataclasses.replace(paths, output=fold_dir(paths.output, fold))
+        excluded = held_out(fold_of, fold)
+        tqdm.write(
+            f"distill: cross-fitting fold {fold + 1}/{folds} (holds out {len(excluded)} episodes)"
+        )
+        distiller = Distiller(config, fold_paths, excluded, tb_name=f"distill-fold-{fold}")
+        if _published_key(fold_paths.output) != distiller.key:
+            distiller.train()
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        record = {"key": key, "folds": folds, "fold_of": fold_of}
+        write_json_atomic(folds_dir(paths.output) / FOLDS_NAME, record)

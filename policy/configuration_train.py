@@ -39,6 +39,10 @@ class PolicyTrainConfig:
     and epoch) or auto (cached when the cache holds them). A blind policy reads none: ignored."""
     use_state: bool = True
     """Condition the action head on the current proprioception."""
+    cross_fit: bool = True
+    """shortcut: train on out-of-sample foresight, each train clip's from the decoupler pair that
+    held its episode out, when `svam distill` cross-fitted them (distill.cross_fit_folds >= 2);
+    false, or without folds: the published decouplers' in-sample foresight."""
 
     steps: int = 300
     batch_size: int = 16

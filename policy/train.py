@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
+from torch import nn
 from tqdm.auto import tqdm
 
 from svam.config import Config, to_dict
@@ -46,10 +47,12 @@ from svam.data.teacher_cache import (
     CURRENT,
     TeacherCache,
     cache_key_parts,
+    clip_episode,
     loader_settings,
     onestep_source,
     teacher_cache_loader,
 )
+from svam.distill.cross_fitting import fold_dir, folds_dir, read_folds
 from svam.hashing import json_digest
 from svam.locking import output_lock
 from svam.policy.configuration_policy import (
@@ -150,7 +153,34 @@ def training_key(
         parts.pop("onestep", None)
     if args.mode == "shortcut":
         parts["decouplers"] = _decoupler_fingerprints(paths)
+        folds = cross_fitted_folds(config, paths)
+        if folds is not None:
+            parts["cross_fit"] = {
+                "folds": folds["fold_of"],
+                "decouplers": [
+                    _decoupler_fingerprints(dataclasses.replace(paths, decouplers=d))
+                    for d in fold_dirs(paths, folds)
+                ],
+            }
     return json_digest(parts)
+
+
+def cross_fitted_folds(config: Config, paths: PolicyPaths) -> dict[str, Any] | None:
+    """The decoupler folds a shortcut policy trains on (`svam.distill.cross_fitting`), or None
+    (in-sample foresight): refused when distill was asked for folds and has not made them."""
+    if config.train_policy.mode != "shortcut" or not config.train_policy.cross_fit:
+        return None
+    folds = read_folds(paths.decouplers)
+    if folds is None and config.distill.cross_fit_folds:
+        raise PolicyTrainError(
+            f"distill.cross_fit_folds={config.distill.cross_fit_folds} but "
+            f"{folds_dir(paths.decouplers)} holds no complete folds: run `svam distill`"
+        )
+    return folds
+
+
+def fold_dirs(paths: PolicyPaths, folds: dict[str, Any]) -> list[Path]:
+    return [fold_dir(paths.decouplers, fold) for fold in range(folds["folds"])]
 
 
 def is_policy_trained(config: Config) -> bool:
@@ -287,7 +317,6 @@ class PolicyTrainer(TrainingStage):
     # ------------------------------------------------------------------------------ inputs
 
     def _load_frozen(self) -> None:
-        from svam.distill.modeling_decoupler import Decoupler
         from svam.teachers.modeling_teacher import check_cache_teacher
         from svam.teachers.pipeline_teacher import TeacherPipeline
 
@@ -304,14 +333,22 @@ class PolicyTrainer(TrainingStage):
             teacher_dir, self.teacher_runtime, config=self.config.teacher
         )
         self.pipeline.teacher.to(self.device)
-        self.decouplers = {}
+        self.decouplers, self.fold_decouplers, self.fold_of = {}, [], {}
         if self.mode != "shortcut":
             return
-        dims = manifest["dims"]
+        self.decouplers = self._load_decouplers(self.paths.decouplers)
+        folds = cross_fitted_folds(self.config, self.paths)
+        if folds is not None:
+            self.fold_of = folds["fold_of"]
+            self.fold_decouplers = [self._load_decouplers(d) for d in fold_dirs(self.paths, folds)]
+
+    def _load_decouplers(self, root: Path) -> dict[str, nn.Module]:
+        """Both decouplers of `root`, checked against the cache's dims, frozen."""
+        from svam.distill.modeling_decoupler import Decoupler
+
+        dims, decouplers = self.cache.manifest["dims"], {}
         for branch in BRANCHES:
-            model = Decoupler.from_pretrained(
-                self.paths.decouplers / branch, device_map=self.device
-            )
+            model = Decoupler.from_pretrained(root / branch, device_map=self.device)
             cfg = model.config
             tokens, dim = dims[branch]
             found = {
@@ -322,10 +359,11 @@ class PolicyTrainer(TrainingStage):
             for key, value in found.items():
                 if getattr(cfg, key) != value:
                     raise PolicyTrainError(
-                        f"{self.paths.decouplers / branch}: {key}={getattr(cfg, key)} but the "
-                        f"cache has {value} ({self.cache.manifest_path})"
+                        f"{root / branch}: {key}={getattr(cfg, key)} but the cache has {value} "
+                        f"({self.cache.manifest_path})"
                     )
-            self.decouplers[branch] = model.eval().requires_grad_(False)
+            decouplers[branch] = model.eval().requires_grad_(False)
+        return decouplers
 
     def _arrays(self) -> list[str]:
         if self.source is None:  # blind: the instruction comes with every clip
@@ -367,17 +405,33 @@ class PolicyTrainer(TrainingStage):
         ).float()
 
     @torch.no_grad()
-    def _streams(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _streams(self, batch: dict[str, Any], cross_fit: bool = False) -> dict[str, torch.Tensor]:
+        """The policy's input streams; `cross_fit` (train clips): each clip's foresight from the
+        fold pair that held its episode out, when distill cross-fitted them."""
         if self.source is None:  # blind: no streams, no teacher pass
             return {}
         features = self._features(batch)
         streams = {"onestep": features_to_tokens(features)}
         if self.mode == "shortcut":
-            for branch, model in self.decouplers.items():
+            groups = [(self.decouplers, slice(None))]
+            if cross_fit and self.fold_decouplers:
+                folds = torch.tensor([self.fold_of[clip_episode(k)] for k in batch["key"]])
+                groups = [
+                    (self.fold_decouplers[f], torch.nonzero(folds == f)[:, 0].to(self.device))
+                    for f in folds.unique().tolist()
+                ]
+            for branch in BRANCHES:
                 reference = batch[f"{branch}_ref"].to(self.device).float()
-                streams[branch] = model(
-                    features, reference if model.config.reference else None
-                ).float()
+                out = None
+                for models, rows in groups:
+                    model = models[branch]
+                    part = model(
+                        features[rows], reference[rows] if model.config.reference else None
+                    ).float()
+                    if out is None:
+                        out = part.new_empty((len(features), *part.shape[1:]))
+                    out[rows] = part
+                streams[branch] = out
         elif self.mode != "onestep":
             for branch in BRANCHES:
                 streams[branch] = batch[branch].to(self.device, non_blocking=True).float()
@@ -391,8 +445,8 @@ class PolicyTrainer(TrainingStage):
             self.text_cache.update(zip(missing, states, strict=True))
         return torch.stack([self.text_cache[s] for s in instructions])
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple:
-        streams = self._streams(batch)
+    def _inputs(self, batch: dict[str, Any], cross_fit: bool = False) -> tuple:
+        streams = self._streams(batch, cross_fit)
         text = self._text(list(batch["instruction"]))
         state = batch["state"][:, 0].to(self.device).float() if self.args.use_state else None
         actions = batch["actions"].to(self.device).float()
@@ -489,6 +543,13 @@ class PolicyTrainer(TrainingStage):
             if self.source is None
             else f"streams per frame: {streams} (one-step features from the {source})"
         )
+        if self.mode == "shortcut":
+            reads += (
+                f"; train clips' foresight out-of-sample from {len(self.fold_decouplers)} "
+                "cross-fitted decoupler folds"
+                if self.fold_decouplers
+                else "; foresight in-sample (distill.cross_fit_folds=0)"
+            )
         tqdm.write(
             f"train-policy: mode {self.mode}; {reads}; chunks "
             f"{cfg.action_head.horizon}x{cfg.action_head.action_dim}\n"
@@ -503,7 +564,7 @@ class PolicyTrainer(TrainingStage):
         generator = keyed_generator(
             self.config.run.seed, "policy-train", self.loop.accelerator.process_index, micro_step
         )
-        inputs = self._inputs(batch)
+        inputs = self._inputs(batch, cross_fit=True)
         with self.loop.accelerator.autocast():
             return model(*inputs, generator), {}
 

@@ -40,6 +40,7 @@ from svam.data.shards import (
     write_manifest,
     write_shard,
 )
+from svam.data.teacher_cache import clip_key
 from svam.hashing import file_digest, json_digest
 from svam.locking import output_lock
 from svam.rundir import RunDir
@@ -65,7 +66,7 @@ class ClipRef:
 
     @property
     def key(self) -> str:
-        return f"{self.episode}-{self.start:04d}"
+        return clip_key(self.episode, self.start)
 
 
 @dataclass(frozen=True)

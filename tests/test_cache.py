@@ -334,9 +334,9 @@ def test_a_failed_shard_write_leaves_nothing_partial_and_the_rerun_resumes(
     inputs, reference, tmp_path, monkeypatch, capsys
 ):
     """A full disk at the fourth shard (val-00000): the three train shards stand, it leaves no file."""
-    import svam.teachers.cache as cache_module
+    import svam.data.shards as shards_module
 
-    original, calls = cache_module.tar_writer, []
+    original, calls = shards_module.tar_writer, []
 
     def filling(path):
         calls.append(path)
@@ -345,7 +345,7 @@ def test_a_failed_shard_write_leaves_nothing_partial_and_the_rerun_resumes(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(path)
 
-    monkeypatch.setattr(cache_module, "tar_writer", filling)
+    monkeypatch.setattr(shards_module, "tar_writer", filling)
     out = tmp_path / "cache"
     with pytest.raises(WriteFailedError) as failed:
         cache_teachers(load_config("tiny", overrides_for(inputs, out)))

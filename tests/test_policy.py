@@ -690,3 +690,71 @@ def test_old_format_policy_is_refused_in_one_line(trained, tmp_path):
     message = str(error.value)
     assert "\n" not in message and "written by an older svam" in message
     assert "re-run `svam train-policy`" in message
+
+
+def test_cross_fitting_never_gives_a_clip_foresight_from_decouplers_that_fitted_it(world, tmp_path):
+    """distill.cross_fit_folds=2: each fold pair fits the train episodes outside its fold, and the
+    shortcut policy's every train clip gets its foresight from the pair that held its episode out
+    (val clips from the published pair); checked clip by clip against each pair's own output."""
+    from svam.distill.cross_fitting import fold_dir, read_folds
+    from svam.distill.modeling_decoupler import Decoupler
+    from svam.distill.train import distill
+    from svam.policy.train import PolicyTrainer, policy_paths
+
+    root, cache = world
+    decouplers = tmp_path / "decouplers"
+    distilled = [
+        f"distill.cache={cache}",
+        f"distill.teacher={root / 'teacher'}",
+        f"distill.output_dir={decouplers}",
+        "distill.steps=2",
+        "distill.eval_every=2",
+        "distill.depth_probe=false",
+        "distill.cross_fit_folds=2",
+        "decouplers.semantic.hidden_dim=16",
+        "decouplers.geometric.hidden_dim=16",
+    ]
+    config = load_config(
+        "micro",
+        overrides(root, cache, "shortcut", "train_policy.steps=2", *distilled, runs=tmp_path)
+        + [f"train_policy.decouplers={decouplers}"],
+    )
+    distill(config)
+    folds = read_folds(decouplers)
+    train_episodes = set(folds["fold_of"])
+    assert len(train_episodes) == 12 and sorted(set(folds["fold_of"].values())) == [0, 1]
+    held_out = {}
+    for fold in (0, 1):
+        record = json.loads((fold_dir(decouplers, fold) / "distill.json").read_text())
+        held_out[fold] = set(record["held_out_episodes"])
+        assert held_out[fold] == {e for e, f in folds["fold_of"].items() if f == fold}
+    assert held_out[0].isdisjoint(held_out[1]) and held_out[0] | held_out[1] == train_episodes
+
+    trainer = PolicyTrainer(config, policy_paths(config))
+    trainer.train()
+    assert len(trainer.fold_decouplers) == 2
+    pairs = {
+        fold: {b: Decoupler.from_pretrained(fold_dir(decouplers, fold) / b).eval() for b in BRANCHES}
+        for fold in (0, 1)
+    }
+    published = {b: Decoupler.from_pretrained(decouplers / b).eval() for b in BRANCHES}
+    for split, cross_fit in (("train", True), ("val", False)):
+        batch = next(iter(trainer._loader(split, trainer._arrays(), shuffle=False)))
+        streams = trainer._streams(batch, cross_fit=cross_fit)
+        features = trainer._features(batch)
+        for index, key in enumerate(batch["key"]):
+            episode = key.rsplit("-", 1)[0]
+            for branch in BRANCHES:
+                reference = batch[f"{branch}_ref"][index : index + 1].float()
+                outputs = {
+                    name: models[branch](features[index : index + 1], reference)[0]
+                    for name, models in [*pairs.items(), ("published", published)]
+                }
+                got = streams[branch][index]
+                if split == "train":
+                    fold = folds["fold_of"][episode]
+                    assert episode in held_out[fold]  # the pair serving it never fitted it
+                    torch.testing.assert_close(got, outputs[fold], rtol=1e-4, atol=1e-4)
+                    assert not torch.allclose(got, outputs[1 - fold], atol=1e-4)
+                else:
+                    torch.testing.assert_close(got, outputs["published"], rtol=1e-4, atol=1e-4)

@@ -139,6 +139,16 @@ class TeacherCache:
         return array in self.first_sample[1]
 
 
+def clip_key(episode: str, start: int) -> str:
+    """A cached clip's key: its episode's key and its start step."""
+    return f"{episode}-{start:04d}"
+
+
+def clip_episode(key: str) -> str:
+    """The episode a cached clip comes from (the inverse of `clip_key`)."""
+    return key.rsplit("-", 1)[0]
+
+
 class TeacherCacheClips(ShardStream):
     """Stream the clips of one split of a teacher cache as dicts of tensors.
 
@@ -146,7 +156,8 @@ class TeacherCacheClips(ShardStream):
     pass it comes from, which seeds per-epoch randomness such as on-the-fly one-step noise):
     names of cache arrays (float16 tokens and features stay float16; videos become
     (T, 3, H, W) uint8) and `current`, the real current frame alone. `max_clips` takes that many
-    clips evenly over the split, the same ones on every rank and worker count.
+    clips evenly over the split, the same ones on every rank and worker count;
+    `exclude_episodes` leaves out every clip of those episodes (cross-fitting's folds).
     """
 
     def __init__(
@@ -162,6 +173,7 @@ class TeacherCacheClips(ShardStream):
         max_clips: int | None = None,
         skip_batches: int = 0,
         batch_size: int = 1,
+        exclude_episodes: frozenset[str] = frozenset(),
     ):
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
         known = (*TEACHER_CACHE.arrays, CURRENT)
@@ -177,7 +189,10 @@ class TeacherCacheClips(ShardStream):
                 )
         self.arrays = tuple(arrays)
         self.split = split
-        members = evenly_spaced(self.cache.members(split), max_clips)
+        members = [
+            m for m in self.cache.members(split) if clip_episode(m[1]) not in exclude_episodes
+        ]
+        members = evenly_spaced(members, max_clips)
         if not members:
             raise SchemaError(f"{self.cache.manifest_path}: the cache holds no {split} clips")
         super().__init__(
