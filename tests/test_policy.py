@@ -734,7 +734,9 @@ def test_cross_fitting_never_gives_a_clip_foresight_from_decouplers_that_fitted_
     trainer.train()
     assert len(trainer.fold_decouplers) == 2
     pairs = {
-        fold: {b: Decoupler.from_pretrained(fold_dir(decouplers, fold) / b).eval() for b in BRANCHES}
+        fold: {
+            b: Decoupler.from_pretrained(fold_dir(decouplers, fold) / b).eval() for b in BRANCHES
+        }
         for fold in (0, 1)
     }
     published = {b: Decoupler.from_pretrained(decouplers / b).eval() for b in BRANCHES}
