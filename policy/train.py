@@ -548,7 +548,7 @@ class PolicyTrainer(TrainingStage):
                 f"; train clips' foresight out-of-sample from {len(self.fold_decouplers)} "
                 "cross-fitted decoupler folds"
                 if self.fold_decouplers
-                else "; foresight in-sample (distill.cross_fit_folds=0)"
+                else "; foresight in-sample (no cross-fitted folds, or train_policy.cross_fit=false)"
             )
         tqdm.write(
             f"train-policy: mode {self.mode}; {reads}; chunks "
