@@ -266,6 +266,34 @@ def _export_lerobot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_encoders(args: argparse.Namespace) -> int:
+    from svam.teachers.pretrain import pretrain_encoders
+
+    pretrain_encoders(_config_from(args), args.out_dir)
+    return 0
+
+
+def _add_pretrain_verb(verbs) -> None:
+    pretrain = verbs.add_parser(
+        "pretrain-encoders",
+        help="train the geometric encoder on the simulator's depth (no real weights at hand)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Train the configured Depth Anything 3 architecture (encoders.geometric_model at
+            encoders.geometric_image_size) with its own depth head on the train episodes' frames,
+            supervised by their metric depth (pretrain_encoders.* keys; accelerate, checkpoints,
+            exact resume), and write a Depth Anything 3 directory that
+            encoders.geometric_weights loads exactly as real weights. Refused when
+            encoders.geometric_weights is given: there is nothing to pretrain.
+            Reads: runs/<name>/episodes/. Writes: runs/<name>/encoders/geometric/ (or --out)."""
+        ),
+    )
+    _add_config_arguments(pretrain)
+    pretrain.add_argument("--out", dest="out_dir", help="write the encoder here instead")
+    pretrain.set_defaults(handler=_pretrain_encoders)
+
+
 def _add_lerobot_verbs(verbs) -> None:
     """`svam import lerobot PATH` and `svam export lerobot RUN_OR_SHARDS OUT`."""
     importer = verbs.add_parser(
@@ -364,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(demo)
     demo.set_defaults(handler=_run_demo)
+    _add_pretrain_verb(verbs)
     _add_lerobot_verbs(verbs)
     shards = verbs.add_parser(
         "shards", help="inspect or verify a shard set", description="Shard-set tools."

@@ -23,7 +23,7 @@ from svam.eval.configuration_eval import EvalConfig
 from svam.policy.configuration_policy import PolicyModelsConfig
 from svam.policy.configuration_train import PolicyTrainConfig
 from svam.teachers.configuration_cache import CacheConfig
-from svam.teachers.configuration_encoders import EncodersConfig
+from svam.teachers.configuration_encoders import EncoderPretrainConfig, EncodersConfig
 from svam.teachers.configuration_teacher import TeacherConfig, TeacherTrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -121,6 +121,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train_teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    pretrain_encoders: EncoderPretrainConfig = field(default_factory=EncoderPretrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     decouplers: DecouplersConfig = field(default_factory=DecouplersConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -27,3 +27,35 @@ class EncodersConfig:
     not carry it; see teachers/encoders.py."""
     init_seed: int = 0
     """Seed of random-init encoders (ignored where weights are given)."""
+
+
+@dataclass
+class EncoderPretrainConfig:
+    """`svam pretrain-encoders`: encoders of the configured architectures trained on the
+    simulator, for when no real weights can be had (the embedded default). Geometric: Depth
+    Anything 3 with its own DPT depth head, supervised by the episodes' metric depth (L1 on log
+    depth, clamped to `max_depth_m`: the skybox reads tens of metres). Written as a Depth
+    Anything 3 directory that `encoders.geometric_weights` loads exactly as real weights load."""
+
+    episodes: str | None = None
+    """Episode shards (need depth); default runs/<name>/episodes."""
+    output_dir: str | None = None
+    """Default runs/<name>/encoders/geometric."""
+    steps: int = 300
+    batch_size: int = 16
+    """Frames per step (each frame its own single-view clip)."""
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    max_depth_m: float = 10.0
+    val_frames: int = 64
+    """Validation frames (val episodes) scored by AbsRel; checkpoint selection only."""
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    checkpoints_total_limit: int = 2
+    resume: str | None = "latest"
