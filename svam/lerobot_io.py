@@ -35,8 +35,8 @@ from svam.data.shards import (
     MANIFEST_NAME,
     ShardSet,
     finished_shard,
-    write_manifest,
     write_shard,
+    write_shard_set_manifest,
 )
 from svam.data.video import VideoError
 from svam.hashing import file_digest, json_digest
@@ -216,20 +216,9 @@ def _import(
         raise
     records = [finished_shard(out_dir / job.name) for job in jobs]
     episodes = {key: info for record in records for key, info in record.pop("episodes").items()}
-    manifest = {
-        "kind": EPISODES.kind,
-        "schema_version": EPISODES.version,
-        "schema": EPISODES.describe(),
-        "num_samples": sum(record["samples"] for record in records),
-        "shards": records,
-        **plan,
-        "config_hash": json_digest(plan),
-        "episodes": episodes,
-        "kept": len(episodes),
-        "dropped": [],
-        "has_depth": False,
-    }
-    write_manifest(out_dir, manifest)
+    # The episode records take the place of the plan's list of source episode indices.
+    fields = {**plan, "config_hash": json_digest(plan), "episodes": episodes}
+    write_shard_set_manifest(out_dir, EPISODES, records, **fields, kept=len(episodes), dropped=[])
     elapsed = time.perf_counter() - start
     print(
         f"import: {len(episodes)} episodes in {elapsed:.1f}s "

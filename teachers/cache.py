@@ -37,8 +37,8 @@ from svam.data.shards import (
     ShardSet,
     finished_shard,
     read_shard,
-    write_manifest,
     write_shard,
+    write_shard_set_manifest,
 )
 from svam.data.teacher_cache import clip_key
 from svam.hashing import file_digest, json_digest
@@ -429,19 +429,12 @@ class TeacherCacheJob:
         }
 
     def write_manifest(self) -> None:
-        records = []
-        for job in self.jobs:
-            records.append(finished_shard(self.out_dir / job.name))
+        records = [finished_shard(self.out_dir / job.name) for job in self.jobs]
         skipped = [key for record in records for key in record.pop("skipped")]
         counts: dict[str, int] = defaultdict(int)
         for job, record in zip(self.jobs, records, strict=True):
             counts[job.clips[0].split] += record["samples"]
-        manifest = {
-            "kind": TEACHER_CACHE.kind,
-            "schema_version": TEACHER_CACHE.version,
-            "schema": TEACHER_CACHE.describe(),
-            "num_samples": sum(record["samples"] for record in records),
-            "shards": records,
+        fields = {
             **self.plan,
             "counts": dict(counts),
             "skipped_nonfinite": skipped,
@@ -453,10 +446,10 @@ class TeacherCacheJob:
             "encoders": asdict(self.config.encoders),
             "splits": self.splits(),
         }
-        write_manifest(self.out_dir, manifest)
+        write_shard_set_manifest(self.out_dir, TEACHER_CACHE, records, **fields)
         note = f", skipped {len(skipped)} with NaN/Inf: {', '.join(skipped)}" if skipped else ""
         print(
-            f"cache-teachers: {manifest['num_samples']} clips in {len(records)} shards{note} "
+            f"cache-teachers: {sum(r['samples'] for r in records)} clips in {len(records)} shards{note} "
             f"-> {self.out_dir}"
         )
 

@@ -56,16 +56,21 @@ class DepthNet(nn.Module):
         return self.head(feats, size, size, patch_start_idx=0)["depth"][:, 0].float()
 
 
+def depth_truth(depth: torch.Tensor, size: torch.Size, max_depth: float) -> torch.Tensor:
+    """Metric depth (B, H, W) area-resized to a prediction's grid `size`, clamped to the range
+    trained on (the skybox reads tens of metres)."""
+    truth = F.interpolate(depth[:, None].float(), size=size, mode="area")[:, 0]
+    return truth.clamp(MIN_DEPTH_M, max_depth)
+
+
 def log_depth_l1(predicted: torch.Tensor, depth: torch.Tensor, max_depth: float) -> torch.Tensor:
-    """Mean |log predicted - log truth| with the truth (B, H, W) resized to the prediction's grid."""
-    truth = F.interpolate(depth[:, None].float(), size=predicted.shape[-2:], mode="area")[:, 0]
-    truth = truth.clamp(MIN_DEPTH_M, max_depth)
+    """Mean |log predicted - log truth|."""
+    truth = depth_truth(depth, predicted.shape[-2:], max_depth)
     return (predicted.clamp_min(1e-4).log() - truth.log()).abs().mean()
 
 
 def abs_rel(predicted: torch.Tensor, depth: torch.Tensor, max_depth: float) -> torch.Tensor:
-    truth = F.interpolate(depth[:, None].float(), size=predicted.shape[-2:], mode="area")[:, 0]
-    truth = truth.clamp(MIN_DEPTH_M, max_depth)
+    truth = depth_truth(depth, predicted.shape[-2:], max_depth)
     return ((predicted - truth).abs() / truth).mean()
 
 
@@ -193,16 +198,15 @@ class GeometricPretrainer(TrainingStage):
         net.backbone.load_state_dict(model.backbone.state_dict())
         net.head.load_state_dict(model.head.state_dict())
         da3.save_pretrained(into)
-        scalars = self.validate(model, step)
-        record = {
-            "key": self.key,
-            "steps": step,
-            **{k.replace("/", "_"): v for k, v in scalars.items()},
-        }
+        # The loop validated after the last step (unless eval_every is 0, or it resumed there).
+        error = self.loop.metrics.get("val/abs_rel", {}).get(step)
+        if error is None:
+            error = self.validate(model, step)["val/abs_rel"]
+        record = {"key": self.key, "steps": step, "val_abs_rel": error}
         (into / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         print(
             f"pretrain-encoders: geometric encoder ({cfg.geometric_model}, val AbsRel "
-            f"{scalars['val/abs_rel']:.3f}) -> {self.output}; load it with "
+            f"{error:.3f}) -> {self.output}; load it with "
             f"encoders.geometric_weights={self.output}"
         )
 

@@ -23,6 +23,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_parquet(path: Path, columns: list[str] | None = None, filters=None):
+def _read_parquet(
+    path: Path, columns: list[str] | None = None, filters=None, optional: tuple[str, ...] = ()
+):
+    """The table of `columns` (all when None), plus those of `optional` the file has."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -109,6 +113,8 @@ def _read_parquet(path: Path, columns: list[str] | None = None, filters=None):
             raise LeRobotFormatError(
                 f"{path}: no column '{absent[0]}' (its columns: {', '.join(schema.names)})"
             )
+        if columns is not None:
+            columns = columns + [c for c in optional if c in schema.names]
         return pq.read_table(path, columns=columns, filters=filters)
     except (pa.ArrowException, OSError) as exc:
         raise LeRobotFormatError(f"{path}: unreadable parquet ({exc})") from None
@@ -232,6 +238,7 @@ class LeRobotSource:
             )
         return int(round(step))
 
+    @cached_property
     def task_names(self) -> dict[int, str]:
         """An svam task name per task index: the task string's slug, made unique."""
         names, taken = {}, set()
@@ -288,7 +295,7 @@ class LeRobotSource:
         svam = ref.svam
         first_success = svam.get("first_success_step")
         meta = {
-            "task": svam.get("task") or self.task_names()[task_index],
+            "task": svam.get("task") or self.task_names[task_index],
             "instruction": self.tasks[task_index],
             "seed": int(svam["seed"]) if "seed" in svam else ref.index,
             "success": svam.get("success"),  # not recorded by lerobot
@@ -361,11 +368,7 @@ def _v3_episodes(
         columns += [f"videos/{camera}/{k}" for k in ("chunk_index", "file_index", "from_timestamp")]
     episodes = []
     for path in files:
-        import pyarrow.parquet as pq
-
-        present = [c for c in SVAM_COLUMNS if c in pq.read_schema(path).names]
-        rows = _read_parquet(path, columns + present).to_pylist()
-        for row in rows:
+        for row in _read_parquet(path, columns, optional=SVAM_COLUMNS).to_pylist():
             data = root / info["data_path"].format(
                 chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]
             )
@@ -377,7 +380,7 @@ def _v3_episodes(
                     file_index=row[f"videos/{camera}/file_index"],
                 )
                 start = float(row[f"videos/{camera}/from_timestamp"])
-            svam = {c.removeprefix("svam/"): row[c] for c in present if row[c] is not None}
+            svam = {c.removeprefix("svam/"): row[c] for c in SVAM_COLUMNS if row.get(c) is not None}
             episodes.append(
                 EpisodeRef(int(row["episode_index"]), int(row["length"]), data, video, start, svam)
             )

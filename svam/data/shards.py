@@ -45,6 +45,21 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def write_shard_set_manifest(
+    directory: Path, schema: ShardSchema, shards: list[dict[str, Any]], **fields: Any
+) -> Path:
+    """The manifest of a shard set of `schema` made of `shards` (their records), with `fields`."""
+    manifest = {
+        "kind": schema.kind,
+        "schema_version": schema.version,
+        "schema": schema.describe(),
+        "num_samples": sum(shard["samples"] for shard in shards),
+        "shards": shards,
+        **fields,
+    }
+    return write_manifest(directory, manifest)
+
+
 def check_field_digests(manifest: dict[str, Any], path: Path) -> None:
     """Refuse a manifest edited after it was written, naming the first field that disagrees."""
     recorded = manifest.get(FIELD_DIGESTS)
@@ -200,15 +215,7 @@ class ShardSetWriter:
     def close(self, **manifest_fields: Any) -> Path:
         """Finish the last shard, write the manifest and rename the set into place."""
         self._finish_shard()
-        manifest = {
-            "kind": self.schema.kind,
-            "schema_version": self.schema.version,
-            "schema": self.schema.describe(),
-            "num_samples": sum(shard["samples"] for shard in self.shards),
-            "shards": self.shards,
-            **manifest_fields,
-        }
-        write_manifest(self.partial_dir, manifest)
+        write_shard_set_manifest(self.partial_dir, self.schema, self.shards, **manifest_fields)
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self.partial_dir.rename(self.out_dir)

@@ -29,7 +29,7 @@ from svam.data.shards import (
     read_shard,
     shard_record,
     tar_writer,
-    write_manifest,
+    write_shard_set_manifest,
 )
 from svam.data.streaming import ShardStream, evenly_spaced
 from svam.hashing import file_digest
@@ -278,16 +278,9 @@ def write_teacher_cache(
                     tar.write(sample)
             records.append(shard_record(path, [sample["__key__"] for sample in chunk]))
     counts = Counter({split: len(encoded) for split, encoded in by_split.items()})
-    manifest = {
-        "kind": TEACHER_CACHE.kind,
-        "schema_version": TEACHER_CACHE.version,
-        "schema": TEACHER_CACHE.describe(),
-        "num_samples": sum(counts.values()),
-        "shards": records,
-        "counts": dict(counts),
-        **manifest_fields,
-    }
-    write_manifest(partial, manifest)
+    write_shard_set_manifest(
+        partial, TEACHER_CACHE, records, counts=dict(counts), **manifest_fields
+    )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
